@@ -11,8 +11,8 @@ fine-tuning has room to improve it.
 The data set draws four problem types in equal shares: 2-digit + 1-digit, 2-digit - 1-digit,
 2-digit + 2-digit and 2-digit * 1-digit, where 1-digit operands are 0-9. Each JSONL line is
 `{"prompt": "What is 37 + 45?", "answer": "82"}`. The test split, the validation set and the
-train split (RL prompts) share no problem, and pretraining never sees a test or validation
-problem. Pretraining does see the train split problems.
+train split (RL prompts) share no problem. The pretraining set contains no test or validation
+problem, but it does contain the train split.
 
 Output:
     default/model/  config.json, model.safetensors, generation_config.json, tokenizer.json,
@@ -24,15 +24,15 @@ Load it like a hub model:
     AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     datasets.load_dataset("json", data_files=DEFAULT_DATA_FILES)
 
-Rebuild the committed default, CPU only (seed 1 stops at step 1400 with 48.0% validation and
-51.0% test greedy accuracy; 6 minutes on 2 cores shared with other jobs):
+Rebuild the committed default on CPU. Seed 1 (the default) stops at step 1400 with 48.0%
+validation and 51.0% test greedy accuracy, which took 6 to 7.5 minutes on 2 cores shared with
+other jobs:
     python build_default.py --overwrite
 
 The same seed and thread count on the same machine give byte-identical model and data files.
 A 100-step build gave the same bytes with 1 and 2 threads, but other thread counts or CPUs
-may not.
-Accuracy depends strongly on the seed: seed 0 only reached 28.4% validation (31.8% test)
-by the 2000-step cap.
+may not. Accuracy depends strongly on the seed: seed 0 only reached 28.4% validation (31.8%
+test) by the 2000-step cap.
 """
 
 import argparse
@@ -76,7 +76,7 @@ TRAIN_PER_TYPE = 600  # 2400 RL prompts; a 1-digit type has only 900 problems
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
-MAX_NEW_TOKENS = 16  # the max completion, such as " \boxed{198}", is 11 tokens
+MAX_NEW_TOKENS = 16  # completions are at most 11 tokens plus eos, e.g. " \boxed{198}"
 
 # Pretraining hyperparameters: AdamW, linear warmup, then cosine decay to 0 at --max-steps.
 BATCH_SIZE = 64
@@ -84,7 +84,8 @@ LEARNING_RATE = 3e-3
 WARMUP_STEPS = 100  # runs shorter than 1000 steps warm up for a tenth of --max-steps instead
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
-FIRST_CHECK_STEP = 900  # validation accuracy stays near 0 before step ~900, so earlier checks waste time
+# Validation accuracy was under 12% at step 900 for seeds 0 and 1, so earlier checks waste time.
+FIRST_CHECK_STEP = 900
 CHECK_INTERVAL = 100
 
 
@@ -251,7 +252,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> d
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, problems: list[dict], batch_size: int = 250) -> float:
-    """Generate greedy completions and return the fraction whose `\\boxed{}` content equals the answer.
+    """Generate greedy completions and return the fraction whose `\\boxed{}` content is the gold answer.
 
     Exact string match of the first `\\boxed{...}` content, with at most MAX_NEW_TOKENS new tokens.
     """
@@ -377,7 +378,7 @@ def build_default(
     """Build the data set and the pretrained model into output_dir, and return the build info.
 
     Everything is written to a staging folder `.NAME-partial-*` next to output_dir, renamed to
-    output_dir only when complete, so output_dir never holds a partial build. The staging folder
+    output_dir only when complete, so output_dir never contains a partial build. The staging folder
     is removed on errors and SIGTERM, but a killed process (SIGKILL) leaves it behind. Sets the
     process-wide torch thread count and deterministic-algorithms flag.
     """
@@ -443,6 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_DIR,
         help="folder to write model/ and data/ into (default: %(default)s)",
     )
+    # NOTE: accuracy at a given step varies strongly with the seed. Seed 1 reached the 0.45 target
+    # at step 1400, seed 0 reached only 0.284 by step 2000. Other seeds are untested.
     parser.add_argument(
         "--seed",
         type=int,
@@ -484,10 +487,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def raise_system_exit(signum, frame) -> None:
+    """Raise SystemExit with the shell's exit status for a signal, 128 + signal number."""
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the build from the command line and print the build info as JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     # Turn SIGTERM into SystemExit so build_default removes its staging folder before exiting.
