@@ -367,7 +367,7 @@ def resolve_base(adapter_dir: str | Path, model: str | None = None) -> str:
     metadata = read_metadata(adapter_dir)
     adapter_config = json.loads(config_path.read_text())
     original = metadata.get("model") if metadata else adapter_config.get("base_model_name_or_path")
-    if model is not None and original is not None and not _same_model(model, original):
+    if model is not None and original is not None and not same_model(model, original):
         raise ValueError(
             f"Adapter {str(adapter_dir)!r} was initialized from model {original!r}, but --model is {model!r}. "
             "Pass the matching --model or leave it out."
@@ -387,7 +387,7 @@ def resolve_base(adapter_dir: str | Path, model: str | None = None) -> str:
     return original
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model(a: str, b: str) -> bool:
     """Return whether two model ids or paths name the same model (paths compared resolved)."""
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()

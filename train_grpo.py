@@ -261,10 +261,9 @@ def main(argv=None):
     script_args, training_args = parse_arguments(argv)
     output_dir = Path(training_args.output_dir)
     resume_from = check_output_dir(output_dir, script_args, training_args)
-    output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(training_args.seed)
 
-    # Data and model
+    # Data, model and initialization; every input error is raised here, before anything is written.
     model, tokenizer = load_base_model(script_args.model, dtype=script_args.dtype)
     if torch.cuda.is_available() and not training_args.use_cpu:
         model = model.to("cuda")
@@ -272,17 +271,8 @@ def main(argv=None):
     test_problems, test_golds = load_problems(
         script_args.test_dataset, script_args.test_split, script_args.test_problem_column, script_args.test_answer_column, limit=script_args.test_max_problems
     )
-    judge = MathJudge(timeout=script_args.judge_timeout)
-
-    # Held-out accuracy of the pretrained policy (every init except full starts exactly here or,
-    # for the residual methods, at the same function up to float rounding).
-    before = held_out_accuracy(model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_before.jsonl")
-    logger.info("Held-out accuracy before training: %.4f", before["accuracy"])
-
-    # LoRA initialization, saved so the update can be measured against it later
     init_metadata = None
     if script_args.init != "full":
-        init_dir = output_dir / "init"
         model, init_metadata = initialize_adapter(
             model,
             script_args.init,
@@ -293,10 +283,31 @@ def main(argv=None):
             seed=training_args.seed,
         )
         init_metadata["model"] = script_args.model
-        if not (init_dir / "adapter_config.json").exists():
-            temporary_dir = temporary_dir_for(init_dir)
-            save_adapter(model, init_metadata, temporary_dir, tokenizer, final_dir=init_dir)
-            commit_output_dir(temporary_dir, init_dir)
+
+    # The initial adapter is saved so the update can be measured against it later.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    init_dir = output_dir / "init"
+    if init_metadata is not None and not (init_dir / "adapter_config.json").exists():
+        temporary_dir = temporary_dir_for(init_dir)
+        save_adapter(model, init_metadata, temporary_dir, tokenizer, final_dir=init_dir)
+        commit_output_dir(temporary_dir, init_dir)
+
+    # Held-out accuracy of the initial policy: the pretrained model itself for every init, up to
+    # float rounding of the residual base for pissa, milora and olora.
+    with MathJudge(timeout=script_args.judge_timeout) as judge:
+        summary = train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_golds, judge, script_args, training_args, init_metadata, resume_from)
+    print(
+        f"{script_args.init}: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
+        f"after {summary['steps']} steps ({summary['seconds_per_step']:.2f} s/step); outputs in {output_dir}"
+    )
+    return summary
+
+
+def train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_golds, judge, script_args, training_args, init_metadata, resume_from):
+    """Score the initial policy, train it with GRPO, save it, score it again; returns and writes summary.json."""
+    output_dir = Path(training_args.output_dir)
+    before = held_out_accuracy(model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_before.jsonl")
+    logger.info("Held-out accuracy before training: %.4f", before["accuracy"])
 
     # GRPO
     reward = AccuracyReward(judge, num_generations=training_args.num_generations)
@@ -309,7 +320,6 @@ def main(argv=None):
 
     # Held-out accuracy of the trained policy
     after = held_out_accuracy(trainer.model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_after.jsonl")
-    judge.close()
     steps = trainer.state.global_step
     steps_run = steps - (int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     summary = {
@@ -331,10 +341,6 @@ def main(argv=None):
         "learning_rate": training_args.learning_rate,
     }
     write_json(summary, output_dir / "summary.json")
-    print(
-        f"{script_args.init}: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-        f"after {steps} steps ({summary['seconds_per_step']:.2f} s/step); outputs in {output_dir}"
-    )
     return summary
 
 
