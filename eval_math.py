@@ -141,6 +141,8 @@ def open_dataset(data: str, split: str, config: str | None = None):
     if path.suffix in DATA_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"Data file {data!r} does not exist.")
+        if path.stat().st_size == 0 or (path.suffix != ".parquet" and not path.read_text().strip()):
+            raise ValueError(f"Data file {data!r} is empty; pass a file with one problem per line.")
         builder = "parquet" if path.suffix == ".parquet" else "json"
         return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
 

@@ -43,6 +43,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ RESIDUAL_METHODS = ("pissa", "milora", "olora")  # methods that subtract s B A f
 SVD_METHODS = ("pissa", "milora", "rlpo", "rlmo")
 METADATA_FILE = "init_metadata.json"
 RESIDUAL_BASE_DIR = "base_model"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+QUANTIZED_LINEAR_CLASSES = ("Linear8bitLt", "Linear4bit")  # bitsandbytes layers of 8-bit and 4-bit bases
 
 
 def compute_factors(W: torch.Tensor, method: str, rank: int, scaling: float, svd: str = "auto", tol: float = 1e-6):
@@ -127,16 +130,21 @@ def _effective_weight(layer: LoraLayer) -> torch.Tensor:
 def _check_layer(name: str, layer: LoraLayer, method: str, rank: int):
     """Raise a clear error for base layers an SVD-based initialization cannot handle."""
     base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    # bitsandbytes' Linear8bitLt and Linear4bit subclass torch.nn.Linear, so the class name and the
+    # weight dtype (int8, or uint8 for packed 4-bit) are what identify a quantized layer.
+    quantized_class = type(base).__name__ in QUANTIZED_LINEAR_CLASSES or type(base).__module__.startswith("bitsandbytes")
+    if quantized_class or (weight is not None and weight.dtype not in FLOAT_DTYPES):
+        dtype = weight.dtype if weight is not None else None
+        raise ValueError(
+            f"Target module {name!r} is a quantized layer ({type(base).__name__}, weight dtype {dtype}); method "
+            f"{method!r} needs the SVD or QR of full-precision weights. Initialize from the unquantized model "
+            "(--dtype float32 or bfloat16) and quantize the base afterwards."
+        )
     if not isinstance(base, (torch.nn.Linear, Conv1D)):
         raise ValueError(
             f"Target module {name!r} is a {type(base).__name__}; method {method!r} supports only "
             "torch.nn.Linear and transformers Conv1D layers. Remove it from --target-modules."
-        )
-    weight = base.weight
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(
-            f"Target module {name!r} has weights of dtype {weight.dtype} (a quantized base?). "
-            "Initialize from the unquantized model (--dtype float32 or bfloat16) and quantize afterwards."
         )
     out_features, in_features = _effective_weight(layer).shape
     if rank > min(out_features, in_features):
@@ -294,20 +302,77 @@ def commit_output_dir(temporary_dir: Path, output_dir: Path):
     if output_dir.exists():
         old_dir = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         output_dir.rename(old_dir)
-    temporary_dir.rename(output_dir)
+    try:
+        temporary_dir.rename(output_dir)
+    except BaseException:
+        if old_dir is not None:
+            old_dir.rename(output_dir)
+        raise
     if old_dir is not None:
         shutil.rmtree(old_dir)
 
 
 def temporary_dir_for(output_dir: Path) -> Path:
-    """Return a fresh hidden folder next to `output_dir` to write into before the final rename."""
+    """Return a fresh hidden folder next to `output_dir` to write into before the final rename.
+
+    Also removes the temporary folders that killed processes left next to `output_dir`.
+    """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
     temporary_dir = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     if temporary_dir.exists():
         shutil.rmtree(temporary_dir)
     temporary_dir.mkdir()
     return temporary_dir
+
+
+def remove_stale_temporaries(output_dir: Path):
+    """Clean up the hidden folders that processes killed while saving `output_dir` left next to it.
+
+    Deletes the `.NAME.tmp-PID` folders of processes that no longer run. A `.NAME.old-PID` folder
+    is the previous `output_dir` moved aside by `commit_output_dir`: it is renamed back when
+    `output_dir` is missing (killed between the two renames), else deleted.
+    NOTE: only this machine's processes are checked, so on a file system shared between
+    machines, a save in progress on another machine under the same name would be deleted.
+    """
+    output_dir = Path(output_dir)
+    pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(tmp|old)-(\d+)")
+    for candidate in sorted(output_dir.parent.glob(f".{output_dir.name}.*-*")):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or int(match[2]) == os.getpid() or _process_running(int(match[2])):
+            continue
+        if match[1] == "old" and not output_dir.exists():
+            logger.warning("Restoring %s from %s, which process %s moved aside before it was killed.", output_dir, candidate, match[2])
+            candidate.rename(output_dir)
+            continue
+        logger.warning("Removing %s, left by process %s, which was killed while saving.", candidate, match[2])
+        shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # the process exists but belongs to another user
+    return True
+
+
+def save_adapter_atomic(peft_model, metadata: dict, output_dir: Path, tokenizer=None):
+    """Save an adapter (see `save_adapter`) into a temporary folder renamed to `output_dir` when complete.
+
+    A crash leaves the previous `output_dir` (or none) and no temporary folder.
+    """
+    output_dir = Path(output_dir)
+    temporary_dir = temporary_dir_for(output_dir)
+    try:
+        save_adapter(peft_model, metadata, temporary_dir, tokenizer, final_dir=output_dir)
+        commit_output_dir(temporary_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(temporary_dir, ignore_errors=True)
+        raise
 
 
 def save_residual_base(peft_model, tokenizer, directory: Path):
@@ -465,13 +530,7 @@ def main(argv=None):
     )
     metadata["model"] = args.model
 
-    temporary_dir = temporary_dir_for(output_dir)
-    try:
-        save_adapter(peft_model, metadata, temporary_dir, tokenizer, final_dir=output_dir)
-        commit_output_dir(temporary_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(temporary_dir, ignore_errors=True)
-        raise
+    save_adapter_atomic(peft_model, metadata, output_dir, tokenizer)
     print(f"Saved {args.init} adapter (rank {args.rank}, {metadata['num_layers']} layers, {metadata['total_seconds']:.2f} s) to {output_dir}")
 
 

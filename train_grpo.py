@@ -14,40 +14,53 @@ then YAML, then preset, then the CPU defaults for the embedded tiny model.
 Usage:
     python train_grpo.py --init rlpo                                    # embedded default, 2 CPU cores, ~2-3 min
     python train_grpo.py --init rlpo --preset paper                     # one GPU, reference settings, vLLM colocate
-    accelerate launch --num_processes 8 train_grpo.py --init rlpo --preset paper --gradient_accumulation_steps 8
+    accelerate launch --config_file configs/ddp.yaml --num_processes 8 train_grpo.py --init rlpo --preset paper \\
+        --gradient_accumulation_steps 8                                 # 8 GPUs, 1024 completions per step
+    (README.md lists the DeepSpeed ZeRO-2/3, FSDP and vLLM server commands.)
+
+Under `accelerate launch` every process computes the same initialization (checked by a sha256 of
+lora_A and lora_B), the held-out problems are split over the processes, and only the main
+process writes files.
 
 Output folder (`--output_dir`, default runs/INIT-seedSEED): init/ (the initial adapter, plus the
 residual base for pissa, milora, olora), adapter/ (the trained adapter) or model/ (for full),
 checkpoint-*/ (resumable with --resume_from_checkpoint), log_history.json and summary.json.
 """
 
+import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from transformers import TrainerState, set_seed
+from transformers.trainer_utils import TrainOutput
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 from build_default import DEFAULT_DATA_FILES, DEFAULT_MODEL_DIR
-from eval_math import DEFAULT_INSTRUCTION, evaluate, format_prompt, load_problems, write_jsonl
-from init_lora import METHODS, commit_output_dir, initialize_adapter, load_base_model, parse_target_modules, save_adapter, temporary_dir_for
+from eval_math import DEFAULT_INSTRUCTION, evaluate, format_prompt, load_problems, summarize, uses_chat_template, write_jsonl
+from init_lora import METHODS, commit_output_dir, initialize_adapter, load_base_model, load_policy, parse_target_modules, read_metadata, save_adapter_atomic, temporary_dir_for
 from math_judge import AccuracyReward, MathJudge
 
 logger = logging.getLogger(__name__)
 
 INITS = (*METHODS, "full")
+CHECKPOINT_NAME_RE = re.compile(r"checkpoint-(\d+)")
 
 # Settings for the embedded tiny model on a CPU: 8 prompts x 8 completions of at most 16 tokens per step.
 CPU_DEFAULTS = {
     "per_device_train_batch_size": 64,
     "num_generations": 8,
     "max_completion_length": 16,
-    "max_steps": 200,
+    "max_steps": 300,
     "learning_rate": 5e-5,
     "lr_scheduler_type": "constant",
     "weight_decay": 0.0,
@@ -166,34 +179,98 @@ def parse_arguments(argv=None):
     return script_args, training_args
 
 
+def checkpoint_complete(checkpoint: str | Path) -> bool:
+    """Return whether a checkpoint folder was completely saved.
+
+    transformers 5.25 (`Trainer._save_checkpoint`) writes the weights, optimizer, scheduler and RNG
+    state first and trainer_state.json last, so a kill while saving leaves a folder without a
+    readable trainer_state.json.
+    """
+    try:
+        json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
-    """Return the newest checkpoint-N folder in `output_dir`, or None."""
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """Return the newest completely saved checkpoint-N folder in `output_dir`, or None."""
+    complete = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_NAME_RE.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        if checkpoint_complete(path):
+            complete.append((int(match[1]), path))
+        else:
+            logger.warning("Skipping %s: it has no readable trainer_state.json, so the run was killed while saving it.", path)
+    return str(max(complete)[1]) if complete else None
 
 
 def check_output_dir(output_dir: Path, script_args, training_args) -> str | None:
-    """Return the checkpoint to resume from, or raise if `output_dir` holds another run's files."""
+    """Return the checkpoint to resume from, or raise if `output_dir` contains files this run must not replace.
+
+    Resumes from `--resume_from_checkpoint PATH`, from the newest complete checkpoint for
+    `--resume_from_checkpoint true`, and without the flag from the newest complete checkpoint
+    of an interrupted run (one without summary.json) in `output_dir`. Any other non-empty
+    `output_dir` is rejected unless --overwrite is given; main deletes it after the input checks.
+    """
     resume = training_args.resume_from_checkpoint
     if resume in ("True", "true", True):
         resume = last_checkpoint(output_dir)
         if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint true, but {str(output_dir)!r} has no checkpoint-* folder.")
+            raise FileNotFoundError(f"--resume_from_checkpoint true, but {str(output_dir)!r} has no completely saved checkpoint-* folder.")
+    elif resume:
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume!r} does not exist. Pass a checkpoint-N folder of an earlier run.")
+        if not checkpoint_complete(resume):
+            raise ValueError(
+                f"--resume_from_checkpoint {resume!r} has no readable trainer_state.json, so it was not completely saved. "
+                "Pass an earlier checkpoint, or --resume_from_checkpoint true to take the newest complete one."
+            )
     if resume:
         return resume
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return None
+
     found = last_checkpoint(output_dir)
-    if found and not (output_dir / "summary.json").exists():
+    finished = (output_dir / "summary.json").exists()
+    if found and not finished:
         logger.info("Resuming from %s (an interrupted run in --output_dir)", found)
         return found
     if script_args.overwrite:
-        shutil.rmtree(output_dir)
         return None
+    if finished:
+        raise FileExistsError(
+            f"--output_dir {str(output_dir)!r} already contains a finished run (summary.json). Pass --overwrite to replace it, "
+            "--resume_from_checkpoint PATH to train on from one of its checkpoints, or choose another --output_dir."
+        )
     raise FileExistsError(
-        f"--output_dir {str(output_dir)!r} already holds a finished run or other files. Pass --overwrite to "
-        "replace it, or choose another --output_dir."
+        f"--output_dir {str(output_dir)!r} is not empty but contains no completely saved checkpoint to resume from (a run killed "
+        "before its first checkpoint, or other files). Pass --overwrite to replace it, or choose another --output_dir."
     )
+
+
+def check_resume_matches(resume_from: str, init_dir: Path, script_args):
+    """Raise when the flags of a resumed run differ from those of the run that wrote its checkpoint and `init_dir`."""
+    has_adapter = (Path(resume_from) / "adapter_config.json").exists()
+    if has_adapter != (script_args.init != "full"):
+        written_by = "a LoRA run" if has_adapter else "an --init full run"
+        raise ValueError(f"Checkpoint {resume_from!r} was written by {written_by}, but --init is {script_args.init!r}. Pass the --init of that run.")
+    metadata = read_metadata(init_dir) if (init_dir / "adapter_config.json").exists() else None
+    if metadata is None:
+        return
+    flags = {"init": script_args.init, "rank": script_args.rank, "alpha": script_args.alpha}
+    saved = {"init": metadata.get("method"), "rank": metadata.get("rank"), "alpha": metadata.get("alpha")}
+    if script_args.target_modules != "all-linear":
+        flags["target_modules"] = sorted(parse_target_modules(script_args.target_modules))
+        saved["target_modules"] = metadata.get("target_modules")
+    for key, value in flags.items():
+        if value != saved[key]:
+            raise ValueError(
+                f"The run in {str(init_dir.parent)!r} was started with --{key} {saved[key]!r}, but this resumed run has "
+                f"--{key} {value!r}. Pass the flags of the original run, or choose another --output_dir."
+            )
 
 
 def build_train_dataset(script_args, tokenizer):
@@ -209,44 +286,318 @@ def build_train_dataset(script_args, tokenizer):
     return Dataset.from_dict({"prompt": prompts, "answer": golds})
 
 
-def held_out_accuracy(model, tokenizer, problems, golds, judge, script_args, output_path: Path):
-    """Score greedy completions on the held-out problems, write them to `output_path`, return the summary."""
-    records, summary = evaluate(
+# ----------------------------------------------------------------------------------------------
+# Input checks: prompt lengths and gold answers, before anything is written
+# ----------------------------------------------------------------------------------------------
+
+
+def check_data(train_dataset, test_problems, test_golds, tokenizer, model_config, script_args, training_args):
+    """Check the training and held-out data; returns the training set to train on.
+
+    Training problems whose prompt is too long for the model's context or whose gold answer
+    math-verify cannot parse are dropped with a logged count. Held-out problems are never dropped,
+    because that would change what the accuracy counts: a held-out prompt that is too long raises.
+    """
+    train_dataset = drop_long_prompts(train_dataset, tokenizer, model_config, training_args)
+    check_test_prompts(test_problems, tokenizer, model_config, script_args)
+    train_dataset = drop_unparseable_golds(train_dataset, test_golds, script_args.judge_timeout)
+
+    # GRPOTrainer's sampler yields only full generation batches, so a smaller set trains 0 steps.
+    prompts_per_batch = training_args.generation_batch_size // training_args.num_generations
+    if len(train_dataset) < prompts_per_batch:
+        raise ValueError(
+            f"The training set has {len(train_dataset)} usable problems, fewer than the {prompts_per_batch} distinct prompts of "
+            f"one generation batch (generation_batch_size {training_args.generation_batch_size} / num_generations "
+            f"{training_args.num_generations}), so GRPO would train 0 steps. Add problems or lower --per_device_train_batch_size."
+        )
+    return train_dataset
+
+
+def check_not_empty(data: str, flag: str):
+    """Raise a clear error for a local JSON or JSONL data file without any content.
+
+    datasets 5.2 fails on such a file with StopIteration or "corresponds to no data". This check
+    runs first so the message names the flag.
+    """
+    path = Path(data)
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 16), b""):
+            if chunk.strip():
+                return
+    raise ValueError(f"{flag} {data!r} is empty. Pass a data file with one problem per line.")
+
+
+def context_limit(model_config, new_tokens: int, flag: str) -> int | None:
+    """Return the max prompt length in tokens that leaves `new_tokens` of the model's context, or None if unknown."""
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if max_positions is None:
+        logger.warning("The model config has no max_position_embeddings, so prompt lengths are not checked.")
+        return None
+    if new_tokens >= max_positions:
+        raise ValueError(
+            f"{flag} {new_tokens} leaves no room for a prompt in the model's context of {max_positions} tokens "
+            f"(max_position_embeddings). Pass {flag} below {max_positions}."
+        )
+    return max_positions - new_tokens
+
+
+def prompt_token_counts(prompts, tokenizer, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Return the length in tokens of each training prompt as GRPOTrainer (TRL 1.16) tokenizes it.
+
+    Text is tokenized with the tokenizer's special tokens; chat messages go through the chat
+    template with the generation prompt.
+    """
+    counts = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            counts.append(len(tokenizer(prompt)["input_ids"]))
+            continue
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"Training problem {index} is a list of chat messages, but the tokenizer of --model has no chat template. "
+                "Pass plain-text problems or a model with a chat template."
+            )
+        encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {}))
+        counts.append(len(encoded["input_ids"]))
+    return counts
+
+
+def drop_long_prompts(train_dataset, tokenizer, model_config, training_args):
+    """Drop training problems whose prompt leaves fewer than --max_completion_length tokens of the context."""
+    limit = context_limit(model_config, training_args.max_completion_length, "--max_completion_length")
+    if limit is None:
+        return train_dataset
+    counts = prompt_token_counts(train_dataset["prompt"], tokenizer, training_args.chat_template_kwargs)
+    keep = [index for index, count in enumerate(counts) if count <= limit]
+    if len(keep) == len(counts):
+        return train_dataset
+
+    too_long = (
+        f"longer than {limit} tokens, the model's context of {model_config.max_position_embeddings} tokens minus "
+        f"--max_completion_length {training_args.max_completion_length} (the longest has {max(counts)} tokens)"
+    )
+    if not keep:
+        raise ValueError(f"All {len(counts)} training prompts are {too_long}. Lower --max_completion_length or pass shorter problems.")
+    logger.warning("Dropping %d of %d training prompts that are %s.", len(counts) - len(keep), len(counts), too_long)
+    return train_dataset.select(keep)
+
+
+def check_test_prompts(problems, tokenizer, model_config, script_args):
+    """Raise if a held-out prompt leaves fewer than --test_max_new_tokens tokens of the model's context."""
+    limit = context_limit(model_config, script_args.test_max_new_tokens, "--test_max_new_tokens")
+    if limit is None:
+        return
+    counts = []
+    for problem in problems:
+        text = format_prompt(tokenizer, problem, script_args.instruction)
+        counts.append(len(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer, problem))["input_ids"]))
+    too_long = sum(count > limit for count in counts)
+    if too_long:
+        raise ValueError(
+            f"{too_long} of {len(counts)} held-out prompts are longer than {limit} tokens, the model's context of "
+            f"{model_config.max_position_embeddings} tokens minus --test_max_new_tokens {script_args.test_max_new_tokens} "
+            f"(the longest has {max(counts)} tokens). Lower --test_max_new_tokens or pass held-out problems that fit."
+        )
+
+
+def unparseable_golds(golds, judge_timeout: float) -> list[int]:
+    """Return the indices of the gold answers that math-verify cannot parse, judging each gold once.
+
+    The judge scores every completion of such a problem None (status gold_unparseable).
+    """
+    with MathJudge(timeout=judge_timeout) as judge:
+        verdicts = judge.score([""] * len(golds), list(golds))
+    return [index for index, verdict in enumerate(verdicts) if verdict.status == "gold_unparseable"]
+
+
+def drop_unparseable_golds(train_dataset, test_golds, judge_timeout: float):
+    """Drop training problems whose gold answer cannot be parsed; raise if no training or no held-out gold can."""
+    train_golds = list(train_dataset["answer"])
+    unparseable = unparseable_golds(train_golds + list(test_golds), judge_timeout)
+    train_bad = [index for index in unparseable if index < len(train_golds)]
+    test_bad = len(unparseable) - len(train_bad)
+
+    if len(train_bad) == len(train_golds):
+        raise ValueError(
+            f"math-verify cannot parse the gold answer of any of the {len(train_golds)} training problems (the first is "
+            f"{train_golds[0]!r}), so every reward would be None. Check --answer_column."
+        )
+    if test_bad == len(test_golds):
+        raise ValueError(
+            f"math-verify cannot parse the gold answer of any of the {len(test_golds)} held-out problems (the first is "
+            f"{test_golds[0]!r}), so the held-out accuracy is undefined. Check --test_answer_column."
+        )
+    if test_bad:
+        logger.warning("%d of %d held-out gold answers cannot be parsed by math-verify; the accuracy leaves those problems out.", test_bad, len(test_golds))
+    if train_bad:
+        logger.warning(
+            "Dropping the %d of %d training problems whose gold answer math-verify cannot parse (the first is %r), because "
+            "their completions would get no reward.", len(train_bad), len(train_golds), train_golds[train_bad[0]],
+        )
+        bad = set(train_bad)
+        train_dataset = train_dataset.select([index for index in range(len(train_golds)) if index not in bad])
+    return train_dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (accelerate launch): one process group, identical initial adapters, one writer
+# ----------------------------------------------------------------------------------------------
+
+
+def process_state(training_args) -> PartialState:
+    """Return this run's process group (a single process under plain `python`), as the Trainer will use it.
+
+    Reading `training_args.device` builds the PartialState from GRPOConfig's use_cpu, ddp_backend and
+    ddp_timeout and the launcher's environment; later PartialState() calls share it.
+    """
+    _ = training_args.device
+    return PartialState()
+
+
+def check_output_dir_on_main(output_dir: Path, script_args, training_args, state: PartialState) -> str | None:
+    """Run check_output_dir on the main process only, because it may delete the folder; share its result or error.
+
+    Every process gets the same checkpoint to resume from, or raises the same error, before any
+    process writes into `output_dir`.
+    """
+    outcome = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("resume", check_output_dir(output_dir, script_args, training_args))]
+        except (OSError, ValueError) as error:
+            outcome = [("error", error)]
+    kind, value = broadcast_object_list(outcome, from_process=0)[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+@contextmanager
+def full_weights_on_every_process():
+    """Load models unpartitioned even under DeepSpeed ZeRO-3, so every process can compute the initialization.
+
+    While a ZeRO-3 config is registered (GRPOConfig registers one under `accelerate launch` with a
+    ZeRO-3 config, regardless of `zero3_init_flag`), transformers 5.25 loads models inside
+    `deepspeed.zero.Init`, which leaves each process a shard of every weight and the SVD nothing to
+    read. DeepSpeed partitions the full model later, when the trainer prepares it.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    # NOTE: untested under DeepSpeed itself. It relies on this private attribute of transformers 5.25, and
+    # tests cover only the switch.
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def adapter_digest(model) -> str | None:
+    """Return the sha256 of every lora_A and lora_B tensor (names and bytes, in parameter order), or None if there are none.
+
+    The residual base weights of pissa, milora and olora are left out: they are W - s B A, computed
+    from the same SVD as the factors.
+    """
+    digest = hashlib.sha256()
+    found = False
+    for name, parameter in model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            continue
+        digest.update(name.encode())
+        digest.update(parameter.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        found = True
+    return digest.hexdigest() if found else None
+
+
+def check_same_initialization(model, state: PartialState) -> str | None:
+    """Log this process's initial adapter digest and raise unless every process computed the same one.
+
+    Each process computes the initialization itself. ZeRO-3 and FSDP shard each process's own copy
+    of the weights, so different initial adapters would train a mix of them without any error.
+    """
+    digest = adapter_digest(model)
+    logger.info("Process %d of %d: initial adapter sha256 %s", state.process_index, state.num_processes, digest)
+    digests = gather_object([digest])
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"The initial adapters differ between processes (sha256 per process: {digests}). Check that every "
+            "process loads the same model files with the same library versions on the same device type."
+        )
+    return digest
+
+
+def held_out_accuracy(model, tokenizer, problems, golds, judge, script_args, output_path: Path, state: PartialState):
+    """Score greedy completions on the held-out problems; returns the summary on every process.
+
+    Process i of N scores problems i, i + N, i + 2N, ...; the main process writes all records to
+    `output_path` in problem order.
+    """
+    indices = list(range(state.process_index, len(problems), state.num_processes))
+    records, _ = evaluate(
         model,
         tokenizer,
-        problems,
-        golds,
+        [problems[index] for index in indices],
+        [golds[index] for index in indices],
         judge,
         max_new_tokens=script_args.test_max_new_tokens,
         batch_size=script_args.test_batch_size,
         instruction=script_args.instruction,
     )
-    write_jsonl(records, output_path)
-    return summary
+    for record in records:
+        record["problem_index"] = indices[record["problem_index"]]
+
+    records = sorted(gather_object(records), key=lambda record: record["problem_index"])
+    if state.is_main_process:
+        write_jsonl(records, output_path)
+    return summarize(records)
 
 
-def save_trained(trainer, script_args, output_dir: Path, init_metadata: dict | None, tokenizer) -> Path:
-    """Save the trained adapter (or full model) through a temporary folder; returns its final path."""
+def save_trained(trainer, script_args, output_dir: Path, init_metadata: dict | None, tokenizer, state: PartialState) -> Path:
+    """Save the trained adapter (or full model) through a temporary folder; returns its final path.
+
+    Every process takes part in `trainer.save_model`, which gathers weights sharded by ZeRO-3 or
+    FSDP; only the main process writes.
+    """
     final_dir = output_dir / ("model" if script_args.init == "full" else "adapter")
-    temporary_dir = temporary_dir_for(final_dir)
+    temporary_dir = temporary_dir_for(final_dir) if state.is_main_process else None
+    temporary_dir = broadcast_object_list([temporary_dir], from_process=0)[0]
     try:
-        trainer.model.save_pretrained(temporary_dir)
-        tokenizer.save_pretrained(temporary_dir)
-        if init_metadata is not None:
-            metadata = dict(init_metadata)
-            if metadata.get("residual_base"):
-                # The trained adapter applies to the residual base saved with the initial adapter.
-                metadata["residual_base"] = f"../init/{metadata['residual_base']}"
-                config_path = temporary_dir / "adapter_config.json"
-                config = json.loads(config_path.read_text())
-                config["base_model_name_or_path"] = str((final_dir / metadata["residual_base"]).resolve())
-                config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-            (temporary_dir / "init_metadata.json").write_text(json.dumps(metadata, indent=2))
-        commit_output_dir(temporary_dir, final_dir)
+        trainer.save_model(str(temporary_dir))
+        if state.is_main_process:
+            tokenizer.save_pretrained(temporary_dir)
+            if init_metadata is not None:
+                metadata = dict(init_metadata)
+                if metadata.get("residual_base"):
+                    # The trained adapter applies to the residual base saved with the initial adapter.
+                    metadata["residual_base"] = f"../init/{metadata['residual_base']}"
+                    config_path = temporary_dir / "adapter_config.json"
+                    config = json.loads(config_path.read_text())
+                    config["base_model_name_or_path"] = str((final_dir / metadata["residual_base"]).resolve())
+                    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+                (temporary_dir / "init_metadata.json").write_text(json.dumps(metadata, indent=2))
+            commit_output_dir(temporary_dir, final_dir)
     except BaseException:
-        shutil.rmtree(temporary_dir, ignore_errors=True)
+        if state.is_main_process:
+            shutil.rmtree(temporary_dir, ignore_errors=True)
         raise
+    state.wait_for_everyone()
     return final_dir
+
+
+def load_trained(final_dir: Path, script_args, device):
+    """Load the saved trained policy on `device`: the full model folder, or the adapter on its (residual) base."""
+    with full_weights_on_every_process():
+        if script_args.init == "full":
+            model, _ = load_base_model(str(final_dir), dtype=script_args.dtype)
+        else:
+            model, _ = load_policy(None, final_dir, dtype=script_args.dtype)
+    return model.to(device)
 
 
 def write_json(data: dict, path: Path):
@@ -259,20 +610,33 @@ def write_json(data: dict, path: Path):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script_args, training_args = parse_arguments(argv)
+    state = process_state(training_args)
     output_dir = Path(training_args.output_dir)
-    resume_from = check_output_dir(output_dir, script_args, training_args)
+    resume_from = check_output_dir_on_main(output_dir, script_args, training_args, state)
     set_seed(training_args.seed)
 
     # Data, model and initialization; every input error is raised here, before anything is written.
-    model, tokenizer = load_base_model(script_args.model, dtype=script_args.dtype)
-    if torch.cuda.is_available() and not training_args.use_cpu:
-        model = model.to("cuda")
+    # Every process computes the same initialization from the same seed, on its own device.
+    # A resumed run loads the initial adapter (and residual base) that the interrupted run saved.
+    init_dir = output_dir / "init"
+    init_metadata = None
+    if resume_from:
+        check_resume_matches(resume_from, init_dir, script_args)
+    with full_weights_on_every_process():
+        if resume_from and (init_dir / "adapter_config.json").exists():
+            model, tokenizer = load_policy(script_args.model, init_dir, dtype=script_args.dtype, trainable=True)
+            init_metadata = read_metadata(init_dir)
+        else:
+            model, tokenizer = load_base_model(script_args.model, dtype=script_args.dtype)
+    model = model.to(state.device)
+    check_not_empty(script_args.dataset, "--dataset")
+    check_not_empty(script_args.test_dataset, "--test_dataset")
     train_dataset = build_train_dataset(script_args, tokenizer)
     test_problems, test_golds = load_problems(
         script_args.test_dataset, script_args.test_split, script_args.test_problem_column, script_args.test_answer_column, limit=script_args.test_max_problems
     )
-    init_metadata = None
-    if script_args.init != "full":
+    train_dataset = check_data(train_dataset, test_problems, test_golds, tokenizer, model.config, script_args, training_args)
+    if script_args.init != "full" and init_metadata is None:
         model, init_metadata = initialize_adapter(
             model,
             script_args.init,
@@ -283,43 +647,70 @@ def main(argv=None):
             seed=training_args.seed,
         )
         init_metadata["model"] = script_args.model
+        check_same_initialization(model, state)
 
-    # The initial adapter is saved so the update can be measured against it later.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = output_dir / "init"
-    if init_metadata is not None and not (init_dir / "adapter_config.json").exists():
-        temporary_dir = temporary_dir_for(init_dir)
-        save_adapter(model, init_metadata, temporary_dir, tokenizer, final_dir=init_dir)
-        commit_output_dir(temporary_dir, init_dir)
+    # The initial adapter is saved so the update can be measured against it later. A resumed run
+    # keeps the one its checkpoints started from.
+    if state.is_main_process:
+        if script_args.overwrite and resume_from is None and output_dir.exists():
+            logger.info("Deleting the earlier contents of %s (--overwrite)", output_dir)
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if init_metadata is not None and not (init_dir / "adapter_config.json").exists():
+            save_adapter_atomic(model, init_metadata, init_dir, tokenizer)
 
     # Held-out accuracy of the initial policy: the pretrained model itself for every init, up to
     # float rounding of the residual base for pissa, milora and olora.
     with MathJudge(timeout=script_args.judge_timeout) as judge:
         summary = train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_golds, judge, script_args, training_args, init_metadata, resume_from)
-    print(
-        f"{script_args.init}: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
-        f"after {summary['steps']} steps ({summary['seconds_per_step']:.2f} s/step); outputs in {output_dir}"
-    )
+    if state.is_main_process:
+        print(
+            f"{script_args.init}: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
+            f"after {summary['steps']} steps ({summary['seconds_per_step']:.2f} s/step); outputs in {output_dir}"
+        )
     return summary
+
+
+def train_or_restore(trainer, resume_from: str | None) -> TrainOutput:
+    """Run `trainer.train`, or only load `resume_from` when that checkpoint already reached max_steps.
+
+    transformers 5.25 checks max_steps after each step, so resuming from a checkpoint saved at
+    max_steps (a run killed while saving or evaluating the trained policy) would train one step more.
+    """
+    if resume_from:
+        saved = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        if 0 < trainer.args.max_steps <= saved.global_step:
+            if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+                logger.info("Checkpoint %s already reached max_steps %d; loading it without training.", resume_from, trainer.args.max_steps)
+                trainer._load_from_checkpoint(resume_from)  # the same private call Trainer.train starts with
+                trainer.state = saved
+                return TrainOutput(saved.global_step, None, {})
+            # NOTE: DeepSpeed and FSDP load checkpoints only into a prepared model, so there the extra step remains.
+            logger.warning("Resuming %s under DeepSpeed or FSDP trains one step past max_steps %d.", resume_from, trainer.args.max_steps)
+    return trainer.train(resume_from_checkpoint=resume_from)
 
 
 def train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_golds, judge, script_args, training_args, init_metadata, resume_from):
     """Score the initial policy, train it with GRPO, save it, score it again; returns and writes summary.json."""
     output_dir = Path(training_args.output_dir)
-    before = held_out_accuracy(model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_before.jsonl")
+    state = PartialState()
+    before = held_out_accuracy(model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_before.jsonl", state)
     logger.info("Held-out accuracy before training: %.4f", before["accuracy"])
 
     # GRPO
     reward = AccuracyReward(judge, num_generations=training_args.num_generations)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    train_output = train_or_restore(trainer, resume_from)
     train_seconds = time.perf_counter() - started
-    final_path = save_trained(trainer, script_args, output_dir, init_metadata, tokenizer)
-    write_json({"log_history": trainer.state.log_history}, output_dir / "log_history.json")
+    final_path = save_trained(trainer, script_args, output_dir, init_metadata, tokenizer, state)
+    if state.is_main_process:
+        write_json({"log_history": trainer.state.log_history}, output_dir / "log_history.json")
 
-    # Held-out accuracy of the trained policy
-    after = held_out_accuracy(trainer.model, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_after.jsonl")
+    # Held-out accuracy of the trained policy, read back from the saved files: under ZeRO-3 and
+    # FSDP trainer.model contains only this process's shard of the weights.
+    policy = load_trained(final_path, script_args, state.device)
+    after = held_out_accuracy(policy, tokenizer, test_problems, test_golds, judge, script_args, output_dir / "eval_after.jsonl", state)
     steps = trainer.state.global_step
     steps_run = steps - (int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     summary = {
@@ -339,8 +730,13 @@ def train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_gold
         "judge_counts": dict(judge.counts),
         "script_args": asdict(script_args),
         "learning_rate": training_args.learning_rate,
+        "num_processes": state.num_processes,
+        "completions_per_step": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * state.num_processes,
+        # Peak of PyTorch's caching allocator on this process's GPU; memory allocated outside it is not counted.
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(state.device) if state.device.type == "cuda" else None,
     }
-    write_json(summary, output_dir / "summary.json")
+    if state.is_main_process:
+        write_json(summary, output_dir / "summary.json")
     return summary
 
 

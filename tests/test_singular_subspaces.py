@@ -127,6 +127,17 @@ def test_auto_path_by_shape(shape, side, path):
     assert info["path"] == path
 
 
+@pytest.mark.parametrize("shape,side", [("tall", "top"), ("square", "bottom")])
+def test_large_rank_skips_krylov(shape, side):
+    rank = 64  # block 128 > n / 8 = 72
+    _, S, Vh = reference(shape, "decaying")
+    _, _, Vh_r, info = singular_triplets(matrix(shape, "decaying"), rank, side)
+    rows = slice(0, rank) if side == "top" else slice(S.shape[0] - rank, S.shape[0])
+    assert "krylov" not in info["path"]
+    assert "krylov" not in " ".join(info.get("fallback_from", []))
+    assert largest_sine(Vh_r, Vh[rows]) < 1e-4
+
+
 @pytest.mark.parametrize("side", ["top", "bottom"])
 def test_same_bytes_on_two_calls(side):
     W = matrix("square", "decaying", seed=1)
