@@ -59,7 +59,7 @@ from init_lora import (
     resolve_base,
     temporary_dir_for,
 )
-from svd_figures import DYNAMICS_METRICS, display_name, write_figures
+from svd_figures import DYNAMICS_METRICS, display_name, to_python, write_figures
 
 logger = logging.getLogger(__name__)
 
@@ -540,19 +540,6 @@ def analyze_weights(
         del W, U, S, Vh, dW_full
         logger.info("Analyzed %s %s in %.2f s", target.name, tuple(target.shape), time.perf_counter() - started)
     return layers
-
-
-def to_python(value):
-    """Convert tensors (and containers of them) to JSON-ready lists of floats with 6 significant digits."""
-    if isinstance(value, torch.Tensor):
-        return to_python(value.tolist())
-    if isinstance(value, dict):
-        return {key: to_python(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_python(item) for item in value]
-    if isinstance(value, float):
-        return float(f"{value:.6g}") if math.isfinite(value) else None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -48,6 +49,19 @@ DYNAMICS_METRICS = {
     "completions/mean_length": "Completion length (tokens)",
     "grad_norm": "Gradient norm",
 }
+
+
+def to_python(value):
+    """Convert tensors (and containers of them) to JSON-ready lists of floats with 6 significant digits."""
+    if isinstance(value, torch.Tensor):
+        return to_python(value.tolist())
+    if isinstance(value, dict):
+        return {key: to_python(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(item) for item in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value
 
 
 def display_name(method: str) -> str:

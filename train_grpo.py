@@ -450,17 +450,17 @@ def process_state(training_args) -> PartialState:
     """Return this run's process group (a single process under plain `python`), as the Trainer will use it.
 
     Reading `training_args.device` builds the PartialState from GRPOConfig's use_cpu, ddp_backend and
-    ddp_timeout and the launcher's environment; later PartialState() calls share it.
+    ddp_timeout and the launcher's environment. Later PartialState() calls return the same state.
     """
     _ = training_args.device
     return PartialState()
 
 
 def check_output_dir_on_main(output_dir: Path, script_args, training_args, state: PartialState) -> str | None:
-    """Run check_output_dir on the main process only, because it may delete the folder; share its result or error.
+    """Run check_output_dir on the main process only and give every process its result or error.
 
-    Every process gets the same checkpoint to resume from, or raises the same error, before any
-    process writes into `output_dir`.
+    Every process gets the same checkpoint to resume from, or raises the same error, and no other
+    process reads `output_dir` while the main process writes into it.
     """
     outcome = [None]
     if state.is_main_process:
@@ -535,8 +535,8 @@ def check_same_initialization(model, state: PartialState) -> str | None:
 def held_out_accuracy(model, tokenizer, problems, golds, judge, script_args, output_path: Path, state: PartialState):
     """Score greedy completions on the held-out problems; returns the summary on every process.
 
-    Process i of N scores problems i, i + N, i + 2N, ...; the main process writes all records to
-    `output_path` in problem order.
+    Process i of N scores problems i, i + N, i + 2N and so on. The main process writes all records
+    to `output_path` in problem order.
     """
     indices = list(range(state.process_index, len(problems), state.num_processes))
     records, _ = evaluate(
@@ -562,11 +562,12 @@ def save_trained(trainer, script_args, output_dir: Path, init_metadata: dict | N
     """Save the trained adapter (or full model) through a temporary folder; returns its final path.
 
     Every process takes part in `trainer.save_model`, which gathers weights sharded by ZeRO-3 or
-    FSDP; only the main process writes.
+    FSDP, but only the main process writes.
     """
     final_dir = output_dir / ("model" if script_args.init == "full" else "adapter")
     temporary_dir = temporary_dir_for(final_dir) if state.is_main_process else None
     temporary_dir = broadcast_object_list([temporary_dir], from_process=0)[0]
+    # NOTE: only the DDP path (two CPU processes) has run; the ZeRO-3 and FSDP gathers were read in transformers 5.25.
     try:
         trainer.save_model(str(temporary_dir))
         if state.is_main_process:

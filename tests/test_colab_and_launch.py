@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import weakref
@@ -38,7 +39,7 @@ def launch_environment(config_name: str, num_processes: int = 4) -> dict:
     """Return the environment `accelerate launch --config_file configs/NAME.yaml` gives its processes."""
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(CONFIGS / config_name), "--num_processes", str(num_processes), "train_grpo.py"])
-    # _validate_launch_command is private in accelerate 1.16; it merges the config file into the flags.
+    # _validate_launch_command is private in accelerate 1.16. It merges the config file into the flags.
     args, defaults, _ = _validate_launch_command(args)
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
@@ -65,7 +66,7 @@ def test_zero2_environment():
     assert environment["ACCELERATE_USE_DEEPSPEED"] == "true"
     assert environment["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
     assert environment["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    # Left to train_grpo.py's --gradient_accumulation_steps and --max_grad_norm.
+    # DeepSpeed takes these from train_grpo.py's --gradient_accumulation_steps and --max_grad_norm.
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in environment
     assert "ACCELERATE_GRADIENT_CLIPPING" not in environment
 
@@ -82,7 +83,7 @@ def test_fsdp_environment():
     environment = launch_environment("fsdp.yaml")
     assert environment["ACCELERATE_USE_FSDP"] == "true"
     assert environment["FSDP_VERSION"] == "2"
-    # transformers reads this variable: true would leave every process but the first without weights to initialize from.
+    # transformers reads this variable. With true, every process but the first would initialize from unloaded weights.
     assert environment["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
     assert environment["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
 
@@ -182,15 +183,20 @@ def test_zero3_loading_switch(monkeypatch):
     assert hf_deepspeed.is_deepspeed_zero3_enabled()
 
 
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now, for the process group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("launch") / "rlpo"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-        "train_grpo.py", "--use_cpu", "true", "--init", "rlpo", "--max_steps", "2", "--test_max_problems", "8",
-        "--save_strategy", "no", "--output_dir", str(output_dir),
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MASTER_PORT": "29517"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]
+    train = ["--use_cpu", "true", "--init", "rlpo", "--max_steps", "2", "--test_max_problems", "8", "--save_strategy", "no", "--output_dir", str(output_dir)]
+    command = [*launch, "train_grpo.py", *train]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir, result
@@ -198,7 +204,7 @@ def two_process_run(tmp_path_factory):
 
 def test_two_processes_same_initial_adapter(two_process_run):
     output_dir, result = two_process_run
-    digests = dict((int(process), digest) for process, total, digest in DIGEST_LINE.findall(result.stderr) if total == "2")
+    digests = {int(process): digest for process, total, digest in DIGEST_LINE.findall(result.stderr) if total == "2"}
     assert set(digests) == {0, 1}
     assert digests[0] == digests[1]
     saved, _ = load_policy(None, output_dir / "init")
@@ -270,7 +276,7 @@ def test_notebook_has_no_error_cells(executed_notebook):
 def test_notebook_prints_summary(executed_notebook):
     notebook, _ = executed_notebook
     text = notebook_text(notebook)
-    assert "skipping pip install" in text
+    assert "pip install is skipped" in text
     assert "SUMMARY" in text
     assert "init rlpo" in text
     assert "2 steps" in text
