@@ -597,18 +597,20 @@ def rescore(input_path: str | Path, judge: MathJudge) -> list[dict]:
 def format_table(summaries: dict[str, dict]) -> str:
     """Return the per-benchmark results as an aligned text table (pass@1, pass@n with n = samples)."""
     sample_counts = {summary["samples"] for summary in summaries.values()}
-    pass_at_n = f"pass@{sample_counts.pop()}" if len(sample_counts) == 1 else "pass@n"
-    header = ("benchmark", "problems", "samples", "pass@1", pass_at_n, "tokens", "truncated", "fallback")
+    single_sample = sample_counts == {1}
+    pass_at_n = f"pass@{next(iter(sample_counts))}" if len(sample_counts) == 1 else "pass@n"
+    header = ("benchmark", "problems", "samples", "pass@1", *(() if single_sample else (pass_at_n,)), "tokens", "truncated", "fallback")
     rows = [header]
     for name, summary in summaries.items():
         samples = summary["samples"]
+        pass_at_samples = () if single_sample else (f"{summary.get(f'pass@{samples}', float('nan')):.4f}",)
         rows.append(
             (
                 name,
                 f"{summary['num_scored']}/{summary['num_problems']}",
                 str(samples),
                 f"{summary['accuracy']:.4f}",
-                f"{summary.get(f'pass@{samples}', float('nan')):.4f}",
+                *pass_at_samples,
                 f"{summary['mean_completion_tokens']:.1f}",
                 f"{summary['truncated_fraction']:.3f}",
                 f"{summary['fallback_fraction']:.3f}",

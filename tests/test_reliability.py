@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import eval_math
+import grpo_data
 import init_lora
 import train_grpo
 from build_default import DEFAULT_DATA_FILES
@@ -375,7 +376,7 @@ def test_bad_data_rejected_before_writing(tmp_path):
 
 
 def test_context_unknown_skips_length_check(caplog):
-    assert train_grpo.context_limit(SimpleNamespace(), 16, "--max_completion_length") is None
+    assert grpo_data.context_limit(SimpleNamespace(), 16, "--max_completion_length") is None
     assert "no max_position_embeddings" in caplog.text
 
 
