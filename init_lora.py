@@ -18,13 +18,13 @@ of the reduced SVD. RLPO and RLMO keep W untouched and start B = 0, so the adapt
 the pretrained model at step 0 while updates stay in an orthonormal singular subspace of W.
 
 The SVD runs in float32 or float64 whatever the model dtype, and factors are cast back.
-`--svd auto` (default) computes only the part of the spectrum a method needs:
-- top-r (rlpo, pissa): subspace iteration with Rayleigh-Ritz, run until the relative residual
-  ||W^T W v - sigma^2 v|| / sigma_1^2 of every Ritz vector is below `--svd-tol`; if it has not
-  converged after `--svd-max-iter` iterations, the float64 Gram eigendecomposition below is used.
-- bottom-r (rlmo, milora): eigendecomposition of the smaller Gram matrix (W^T W or W W^T) in
-  float64, because float32 loses the small singular values (the Gram squares the condition number).
-`--svd exact` runs a full `torch.linalg.svd` per weight instead.
+`--svd auto` (default) computes only the part of the spectrum a method needs, with the paths in
+singular_subspaces.py: block Lanczos for the top-r (rlpo, pissa), Gram eigendecomposition with
+float64 corrections or inverse-Gram Lanczos for the bottom-r (rlmo, milora), and a float64 Gram
+eigendecomposition for small weights and as the fallback. Each path stops once the estimated
+largest principal-angle sine against the exact subspace is at most `--svd-tol`, and
+init_metadata.json records that estimate per layer. `--svd exact` runs a full float32
+`torch.linalg.svd` per weight (of W^T for wide weights) instead.
 Each right singular vector's sign is fixed so that its entry of largest magnitude is positive,
 so the same model and method always give the same adapter bytes.
 
@@ -67,7 +67,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 QUANTIZED_LINEAR_CLASSES = ("Linear8bitLt", "Linear4bit")  # bitsandbytes layers of 8-bit and 4-bit bases
 
 
-def compute_factors(W: torch.Tensor, method: str, rank: int, scaling: float, svd: str = "auto", tol: float = 1e-6):
+def compute_factors(W: torch.Tensor, method: str, rank: int, scaling: float, svd: str = "auto", tol: float = 1e-4):
     """Return (lora_A (r x in), lora_B (out x r) or None, residual W or None, info) for one weight.
 
     W: the effective (out x in) weight in float32. lora_B None means zeros; residual None means
@@ -182,7 +182,7 @@ def initialize_adapter(
     alpha: float = 32.0,
     target_modules="all-linear",
     svd: str = "auto",
-    svd_tol: float = 1e-6,
+    svd_tol: float = 1e-4,
     device: str | None = None,
     seed: int = 0,
 ):
@@ -501,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r.")
     parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; the scaling is alpha / rank.")
     parser.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names.")
-    parser.add_argument("--svd", default="auto", choices=("auto", "exact"), help="'auto': fastest exact path per method; 'exact': full SVD per weight.")
-    parser.add_argument("--svd-tol", type=float, default=1e-6, help="Relative residual at which subspace iteration stops (auto path, top-r methods).")
+    parser.add_argument("--svd", default="auto", choices=("auto", "exact"), help="'auto': fastest exact path per method; 'exact': full float32 torch.linalg.svd per weight (of W^T for wide weights).")
+    parser.add_argument("--svd-tol", type=float, default=1e-4, help="Auto path: stop once the estimated largest principal-angle sine between each weight's singular subspace and the exact one is at most this.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"), help="dtype the model is loaded and saved in; the SVD always runs in float32 or float64.")
     parser.add_argument("--device", default=None, help="Device for the per-layer SVD, e.g. cuda (default: where the weights are).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for lora/gaussian initializations and subspace iteration.")

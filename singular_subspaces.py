@@ -101,6 +101,7 @@ def _gram_product(A: torch.Tensor, X: torch.Tensor):
     """
     m, n = A.shape
     if A.device.type != "cpu":
+        # NOTE: untested on a GPU. On GPUs with slow float64 the inverse path's float64 Gram dominates.
         A_cast = A.to(X.dtype)
         P = X @ A_cast.T
         return P, P @ A_cast
@@ -250,7 +251,7 @@ def _top_block_krylov(A: torch.Tensor, rank: int, tol: float, max_iter: int, gen
     m, n = A.shape
     block = _block_size(rank, n)
     sketch = torch.randn(block, m, generator=generator, dtype=torch.float32).to(A.device)
-    products = []  # X A^T of every applied block; the last K.shape[0] rows belong to the current basis
+    products = []  # X A^T of every applied block, so the last K.shape[0] rows match the current basis
 
     def apply(X):
         P, Z = _gram_product(A, X)
@@ -522,12 +523,13 @@ def singular_triplets(
     rows; all float32 on W's device. "bottom" means the r smallest of the reduced SVD's
     min(out, in) singular values. With svd="auto", `tol` bounds the estimated largest
     principal-angle sine between the returned right singular subspace and the exact one (and
-    between the left ones when need_u); 1e-4 gave measured sines of 1e-6 to 1e-5 in the
-    benchmark. `max_iter` caps the Lanczos iterations of a Krylov path before it falls back, and
-    `generator` (a CPU generator) seeds their random start block (default: seed 0).
-    info: "path", "sine_estimate", "residual" (||A^T A V_r - V_r S_r^2||_2 / ||W||_F^2),
-    "iterations", and "fallback_from" (the paths that missed tol) after a fallback. The exact
-    path leaves the numbers None.
+    between the left ones when need_u). The Krylov estimates overstate the sine, and the Gram
+    paths' first-order estimates are accepted at tol / 2. At tol = 1e-4 the benchmark weights of
+    docs/benchmarks.md came out with sines near 2e-6. `max_iter` caps the Lanczos iterations of
+    a Krylov path before it falls back, and `generator` (a CPU generator) seeds their random
+    start block (default: seed 0). info: "path", "sine_estimate", "residual"
+    (||A^T A V_r - V_r S_r^2||_2 / ||W||_F^2), "iterations", and "fallback_from" (the paths that
+    missed tol) after a fallback. The exact path leaves the numbers None.
     """
     _check_arguments(W, rank, side, svd, tol, max_iter)
     transposed = W.shape[0] < W.shape[1]
