@@ -444,7 +444,7 @@ def update_energy(M: torch.Tensor, U: torch.Tensor | None, Vh: torch.Tensor) -> 
 def subspace_similarity(Vh: torch.Tensor, Q: torch.Tensor, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (top, bottom), each (max_k x m): entry [k-1, i-1] = ||V_k^T Q_i||_F^2 / min(k, i).
 
-    Vh holds W's right singular vectors as rows (n x in), by descending singular value. Q (in x m)
+    Vh contains W's right singular vectors as rows (n x in), by descending singular value. Q (in x m)
     has orthonormal columns, ordered by the update's singular values. V_k is the first k rows of Vh
     (top) or the last k (bottom, starting from the smallest singular value). Double cumulative
     sums of the squared overlaps give every (k, i) at once.

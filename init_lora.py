@@ -492,7 +492,7 @@ def parse_target_modules(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser; every flag says what it sets."""
+    """Return the command-line parser, with help text for every flag."""
     from build_default import DEFAULT_MODEL_DIR
 
     parser = argparse.ArgumentParser(description="Compute a LoRA initialization and save it as a PEFT adapter.")

@@ -1,6 +1,6 @@
 """Figures of analyze_svd.py: one PNG per measurement, each returning the numbers it plots.
 
-Every figure uses the same color per init method (METHOD_COLORS) and the paper's spelling of the
+Every figure uses the same color per init method (METHOD_COLORS) and the usual spelling of the
 method (DISPLAY_NAMES), so figures of different runs and scripts can be compared side by side.
 Runs are analyze_svd.Run objects (label, method, seed, rank); layers are the per-layer dicts of
 analyze_svd.analyze_weights.

@@ -46,7 +46,7 @@ from transformers.trainer_utils import TrainOutput
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 from build_default import DEFAULT_DATA_FILES, DEFAULT_MODEL_DIR
-from eval_math import DEFAULT_INSTRUCTION, evaluate, load_problems, summarize, write_jsonl
+from eval_math import DEFAULT_INSTRUCTION, evaluate, load_problems, summarize, write_json, write_jsonl
 from init_lora import METHODS, commit_output_dir, initialize_adapter, load_base_model, load_policy, parse_target_modules, read_metadata, save_adapter_atomic, temporary_dir_for
 from grpo_data import build_train_dataset, check_data, check_not_empty
 from math_judge import AccuracyReward, MathJudge
@@ -432,13 +432,6 @@ def load_trained(final_dir: Path, script_args, device):
         else:
             model, _ = load_policy(None, final_dir, dtype=script_args.dtype)
     return model.to(device)
-
-
-def write_json(data: dict, path: Path):
-    """Write JSON through a temporary file renamed at the end."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
-    temporary.replace(path)
 
 
 def main(argv=None):
