@@ -606,8 +606,6 @@ def policy_kl(run: Run, model: str, problems: list, args) -> dict:
     """
     from peft import PeftModel
 
-    from eval_math import format_prompt
-
     if run.is_full:
         policy, tokenizer = load_base_model(str(run.weights_dir), dtype=args.dtype, device=args.device)
         reference = load_base_model(model, dtype=args.dtype, device=args.device)[0]
@@ -631,34 +629,11 @@ def policy_kl(run: Run, model: str, problems: list, args) -> dict:
             policy.base_model.enable_adapter_layers()
         return policy.eval()
 
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    prompts = [format_prompt(tokenizer, problem) for problem in problems]
-    torch.manual_seed(args.seed)
+    from eval_math import sampled_kl
 
-    total_kl, total_tokens = 0.0, 0
-    for start in range(0, len(prompts), args.kl_batch_size):
-        inputs = tokenizer(prompts[start : start + args.kl_batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
-        sequences = select("trained").generate(
-            **inputs, do_sample=True, temperature=args.kl_temperature, top_k=0, top_p=1.0, max_new_tokens=args.kl_max_new_tokens, pad_token_id=tokenizer.pad_token_id
-        )
-        prompt_length = inputs["input_ids"].shape[1]
-        completion = sequences[:, prompt_length:]
-        is_eos = (completion == tokenizer.eos_token_id).long()
-        valid = (is_eos.cumsum(1) - is_eos) == 0  # every token up to and including the first eos
-        attention_mask = torch.cat([inputs["attention_mask"], valid.long()], dim=1)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-
-        log_probs = []
-        for name in ("trained", "init"):
-            logits = select(name)(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-            log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1))
-        token_kl = (log_probs[0].exp() * (log_probs[0] - log_probs[1])).sum(-1)
-        total_kl += token_kl[valid].sum().item()
-        total_tokens += int(valid.sum())
+    result = sampled_kl(select, tokenizer, problems, args.kl_batch_size, args.kl_max_new_tokens, args.kl_temperature, args.seed, args.device)
     del policy, reference
-    return {"mean_token_kl": total_kl / max(total_tokens, 1), "num_tokens": total_tokens, "num_prompts": len(prompts)}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

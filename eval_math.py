@@ -419,6 +419,53 @@ def sample_completions(model, tokenizer, prompts: list[str], samples: int, max_n
     return generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed, progress, samples, add_special_tokens)
 
 
+@torch.no_grad()
+def sampled_kl(select, tokenizer, problems: list, batch_size: int, max_new_tokens: int, temperature: float, seed: int, device) -> dict:
+    """Return the mean per-token KL(pi_trained || pi_init) over completions sampled from pi_trained.
+
+    select(name) returns the eval-mode model computing policy "trained" or "init". Completions are
+    sampled at `temperature` over the full vocabulary (no top-k/top-p) from the chat-formatted
+    `problems` with torch seeded to `seed`; the global random state is restored afterwards. The
+    KL at each completion position, up to and including the first eos, is exact over the
+    vocabulary: sum_v p_trained(v) (log p_trained(v) - log p_init(v)).
+    """
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    prompts = [format_prompt(tokenizer, problem) for problem in problems]
+    cpu_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+
+    total_kl, total_tokens = 0.0, 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            inputs = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            sequences = select("trained").generate(
+                **inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            )
+            prompt_length = inputs["input_ids"].shape[1]
+            completion = sequences[:, prompt_length:]
+            is_eos = (completion == tokenizer.eos_token_id).long()
+            valid = (is_eos.cumsum(1) - is_eos) == 0  # every token up to and including the first eos
+            attention_mask = torch.cat([inputs["attention_mask"], valid.long()], dim=1)
+            position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+
+            log_probs = []
+            for name in ("trained", "init"):
+                logits = select(name)(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+                log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1))
+            token_kl = (log_probs[0].exp() * (log_probs[0] - log_probs[1])).sum(-1)
+            total_kl += token_kl[valid].sum().item()
+            total_tokens += int(valid.sum())
+    finally:
+        tokenizer.padding_side = padding_side
+        torch.random.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return {"mean_token_kl": total_kl / max(total_tokens, 1), "num_tokens": total_tokens, "num_prompts": len(prompts)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Scoring and metrics
 # ----------------------------------------------------------------------------------------------

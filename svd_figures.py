@@ -44,7 +44,8 @@ DISPLAY_NAMES = {
 }
 DYNAMICS_METRICS = {
     "reward": "Reward (mean over completions)",
-    "kl": "KL to the initial policy",
+    "kl_to_init": "KL to the initial policy (train_grpo.py --kl_steps)",
+    "kl": "KL to the reference model (TRL, beta > 0)",
     "entropy": "Token entropy",
     "completions/mean_length": "Completion length (tokens)",
     "grad_norm": "Gradient norm",

@@ -27,6 +27,7 @@ residual base for pissa, milora, olora), adapter/ (the trained adapter) or model
 checkpoint-*/ (resumable with --resume_from_checkpoint), log_history.json and summary.json.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -41,12 +42,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from transformers import TrainerState, set_seed
+from transformers import TrainerCallback, TrainerState, set_seed
 from transformers.trainer_utils import TrainOutput
 from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 from build_default import DEFAULT_DATA_FILES, DEFAULT_MODEL_DIR
-from eval_math import DEFAULT_INSTRUCTION, evaluate, load_problems, summarize, write_json, write_jsonl
+from eval_math import DEFAULT_INSTRUCTION, evaluate, load_problems, sampled_kl, summarize, write_json, write_jsonl
 from init_lora import METHODS, commit_output_dir, initialize_adapter, load_base_model, load_policy, parse_target_modules, read_metadata, save_adapter_atomic, temporary_dir_for
 from grpo_data import build_train_dataset, check_data, check_not_empty
 from math_judge import AccuracyReward, MathJudge
@@ -149,6 +150,8 @@ class ScriptArguments:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the scaling is alpha / rank."})
     target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or comma-separated module names."})
     svd: str = field(default="auto", metadata={"help": "'auto' (fastest exact path) or 'exact' (full SVD per weight)."})
+    kl_steps: int = field(default=0, metadata={"help": "Every N steps, log kl_to_init: the mean per-token KL of the policy to its initial policy on held-out prompts (0: off)."})
+    kl_prompts: int = field(default=64, metadata={"help": "Held-out prompts (the first N of --test_dataset) for --kl_steps."})
     judge_timeout: float = field(default=5.0, metadata={"help": "Seconds the judge may spend on one completion before it scores 0."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir that holds no checkpoint to resume."})
 
@@ -175,6 +178,11 @@ def parse_arguments(argv=None):
 
     if script_args.init not in INITS:
         raise SystemExit(f"Unknown --init {script_args.init!r}. Choose one of: {', '.join(INITS)}.")
+    if script_args.kl_steps < 0 or script_args.kl_prompts < 1:
+        raise SystemExit(
+            f"--kl_steps {script_args.kl_steps} / --kl_prompts {script_args.kl_prompts}: --kl_steps must be 0 (off) or positive "
+            "and --kl_prompts positive."
+        )
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = f"runs/{script_args.init}-seed{training_args.seed}"
     return script_args, training_args
@@ -438,6 +446,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script_args, training_args = parse_arguments(argv)
     state = process_state(training_args)
+    if script_args.kl_steps and state.num_processes > 1:
+        # NOTE: sampling from a ZeRO-3/FSDP-sharded policy on one process would hang the others.
+        raise SystemExit(f"--kl_steps runs on a single process only; this launch has {state.num_processes}. Drop --kl_steps.")
     output_dir = Path(training_args.output_dir)
     resume_from = check_output_dir_on_main(output_dir, script_args, training_args, state)
     set_seed(training_args.seed)
@@ -498,6 +509,36 @@ def main(argv=None):
     return summary
 
 
+class InitialPolicyKL(TrainerCallback):
+    """Every `every` optimizer steps, append {"kl_to_init": KL, "step": N} to the trainer's log history.
+
+    KL is the mean per-token KL(policy || initial policy) over completions sampled from the
+    policy on fixed held-out problems with a fixed seed (`eval_math.sampled_kl`). The initial
+    policy is a frozen copy of the model taken before training: the pretrained model for full
+    fine-tuning and for B_0 = 0 inits, residual + s B_0 A_0 for pissa, milora and olora. The
+    copy costs one more model in memory; with beta = 0 nothing else needs it.
+    """
+
+    def __init__(self, model, tokenizer, problems: list, every: int, max_new_tokens: int, temperature: float, batch_size: int, seed: int):
+        reference = copy.deepcopy(model)
+        if hasattr(reference, "merge_and_unload"):
+            reference = reference.merge_and_unload()
+        self.reference = reference.requires_grad_(False).eval()
+        self.tokenizer, self.problems, self.every = tokenizer, problems, every
+        self.max_new_tokens, self.temperature, self.batch_size, self.seed = max_new_tokens, temperature, batch_size, seed
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every:
+            return
+        was_training = model.training
+        policies = {"trained": model, "init": self.reference}
+        result = sampled_kl(
+            lambda name: policies[name].eval(), self.tokenizer, self.problems, self.batch_size, self.max_new_tokens, self.temperature, self.seed, model.device
+        )
+        model.train(was_training)
+        state.log_history.append({"kl_to_init": result["mean_token_kl"], "step": state.global_step})
+
+
 def train_or_restore(trainer, resume_from: str | None) -> TrainOutput:
     """Run `trainer.train`, or only load `resume_from` when that checkpoint already reached max_steps.
 
@@ -526,7 +567,15 @@ def train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_gold
 
     # GRPO
     reward = AccuracyReward(judge, num_generations=training_args.num_generations)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
+    callbacks = []
+    if script_args.kl_steps:
+        callbacks.append(
+            InitialPolicyKL(
+                model, tokenizer, test_problems[: script_args.kl_prompts], script_args.kl_steps, training_args.max_completion_length,
+                training_args.temperature, script_args.test_batch_size, training_args.seed,
+            )
+        )
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=training_args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
     started = time.perf_counter()
     train_output = train_or_restore(trainer, resume_from)
     train_seconds = time.perf_counter() - started

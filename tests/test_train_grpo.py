@@ -155,3 +155,45 @@ def test_finished_run_not_overwritten(rlpo_run):
     assert result.returncode != 0
     assert "--overwrite" in result.stderr
     assert (output_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("method", ["rlpo", "pissa", "full"])
+def test_kl_callback_zero_at_init(method):
+    from transformers import TrainerControl, TrainerState
+
+    from build_default import DEFAULT_DATA_FILES, DEFAULT_MODEL_DIR
+    from eval_math import load_problems
+    from init_lora import initialize_adapter, load_base_model
+
+    model, tokenizer = load_base_model(DEFAULT_MODEL_DIR)
+    if method != "full":
+        model, _ = initialize_adapter(model, method, rank=4, alpha=8.0)
+    model.train()
+    problems, _ = load_problems(DEFAULT_DATA_FILES["test"], "test", "prompt", "answer", limit=8)
+    callback = train_grpo.InitialPolicyKL(model, tokenizer, problems, every=2, max_new_tokens=16, temperature=1.0, batch_size=8, seed=0)
+    state, control = TrainerState(), TrainerControl()
+
+    state.global_step = 1  # not a multiple of every: nothing logged
+    callback.on_step_end(None, state, control, model=model)
+    assert state.log_history == []
+
+    state.global_step = 2
+    callback.on_step_end(None, state, control, model=model)
+    assert state.log_history[-1]["step"] == 2
+    assert abs(state.log_history[-1]["kl_to_init"]) < 1e-5  # the initial policy itself
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or (method == "full" and "mlp" in name):
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    state.global_step = 4
+    callback.on_step_end(None, state, control, model=model)
+    assert state.log_history[-1]["kl_to_init"] > 1e-4
+    assert model.training  # restored after sampling
+
+
+def test_kl_steps_negative_rejected(tmp_path):
+    result = run_script("--init", "rlpo", "--kl_steps", "-1", "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode != 0
+    assert "--kl_steps -1" in result.stderr
+    assert not (tmp_path / "out").exists()
