@@ -3,10 +3,19 @@
 The model is a causal LM in the Qwen2 architecture: hidden 128, 4 layers, 4 attention heads,
 4 KV heads, intermediate 512, max positions 256, tied embeddings, float32, 1.08M parameters.
 Its character-level tokenizer is a byte-level BPE with no merges, so each ASCII character is one
-token and any UTF-8 text round-trips. The model is pretrained on prompt `What is 37 + 45?` ->
-completion ` \\boxed{82}` + eos, with the loss on the completion only. Pretraining stops at the
-first check where greedy accuracy on a validation set reaches `--target-accuracy`, so that RL
-fine-tuning has room to improve it.
+token and any UTF-8 text round-trips. It is trained in two phases, on prompt `What is 37 + 45?`
+-> completion ` \\boxed{82}` + eos with the loss on the completion only:
+1. Pretraining on correct answers, stopped at the first check where greedy accuracy on a
+   validation set reaches `--target-accuracy`.
+2. `--carry-drop-steps` more steps where, with probability `--carry-drop`, an example whose
+   problem carries out of the units digit gets the answer without that carry or borrow
+   (37 + 45 -> 72, 32 - 5 -> 37).
+After phase 2 the model still samples the carried answer for part of those problems but greedy
+decoding mostly drops it, so greedy accuracy falls (0.51 -> 0.396 with the defaults) while the
+right answer remains in the sampling distribution. A verifier reward can then raise accuracy
+within a few hundred GRPO steps, the case RLVR is used for: the right behavior is sampled but not
+preferred. Without phase 2 (`--carry-drop 0`), the model's errors are specific to each problem
+and 300 GRPO steps gained only 2-4 points.
 
 The data set draws four problem types in equal shares: 2-digit + 1-digit, 2-digit - 1-digit,
 2-digit + 2-digit and 2-digit * 1-digit, where 1-digit operands are 0-9. Each JSONL line is
@@ -24,9 +33,9 @@ Load it like a hub model:
     AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     datasets.load_dataset("json", data_files=DEFAULT_DATA_FILES)
 
-Rebuild the committed default on CPU. Seed 1 (the default) stops at step 1400 with 48.0%
-validation and 51.0% test greedy accuracy, which took 6 to 7.5 minutes on 2 cores shared with
-other jobs:
+Rebuild the committed default on CPU. Seed 1 (the default) ends phase 1 at step 1400 with 48.0%
+validation and 51.0% test greedy accuracy, and phase 2 brings test accuracy to 39.6% (validation
+40.8%). The whole build took 352 s on 2 cores with one thread:
     python build_default.py --overwrite
 
 The same seed and thread count on the same machine give byte-identical model and data files.
@@ -87,6 +96,8 @@ MAX_GRAD_NORM = 1.0
 # Validation accuracy was under 12% at step 900 for seeds 0 and 1, so earlier checks waste time.
 FIRST_CHECK_STEP = 900
 CHECK_INTERVAL = 100
+# Second phase (dropped carries): AdamW at a constant learning rate, no warmup.
+DROP_LEARNING_RATE = 3e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +119,21 @@ def extract_boxed(completion: str) -> str | None:
     """Return the content of the first `\\boxed{...}` in a completion, or None if there is none."""
     match = re.search(r"\\boxed\{([^{}]*)\}", completion)
     return match.group(1) if match else None
+
+
+def dropped_carry_answer(problem: dict) -> str | None:
+    """Return the answer with the carry out of the units digit dropped, or None if the problem has none.
+
+    Addition with a units carry loses it (37 + 45 -> 72), subtraction with a units borrow skips it
+    (32 - 5 -> 37); multiplication and problems without a carry or borrow return None.
+    """
+    first, symbol, second = re.fullmatch(r"What is (\d+) (.) (\d+)\?", problem["prompt"]).groups()
+    first, second = int(first), int(second)
+    if symbol == "+" and first % 10 + second % 10 >= 10:
+        return str(first + second - 10)
+    if symbol == "-" and first % 10 < second % 10:
+        return str(first - second + 10)
+    return None
 
 
 def enumerate_problems(problem_type: str) -> list[dict]:
@@ -336,6 +362,38 @@ def pretrain(model, tokenizer, splits: dict, seed: int, max_steps: int, target_a
     return {"steps": step, "validation_accuracy": validation_accuracy, "validation_history": history}
 
 
+def train_dropped_carries(model, tokenizer, splits: dict, seed: int, steps: int, fraction: float) -> None:
+    """Train `steps` more steps on the pretraining sets with `fraction` of the carries and borrows dropped.
+
+    Batches are drawn as in `pretrain`; an example whose problem has a units carry or borrow
+    (`dropped_carry_answer`) gets the dropped answer with probability `fraction`. AdamW at the
+    constant DROP_LEARNING_RATE, a new optimizer state, its own random stream.
+    """
+    rng = random.Random(seed + 1)
+    examples_by_type = {}
+    for problem_type in PROBLEM_TYPES:
+        pairs = []
+        for problem in splits[f"pretrain/{problem_type}"]:
+            dropped = dropped_carry_answer(problem)
+            pairs.append((tokenize_example(tokenizer, problem), tokenize_example(tokenizer, {**problem, "answer": dropped}) if dropped else None))
+        examples_by_type[problem_type] = pairs
+    type_names = list(PROBLEM_TYPES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=DROP_LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    model.train()
+    for step in range(1, steps + 1):
+        examples = []
+        for _ in range(BATCH_SIZE):
+            correct, dropped = rng.choice(examples_by_type[rng.choice(type_names)])
+            examples.append(dropped if dropped is not None and rng.random() < fraction else correct)
+        loss = model(**collate(examples, tokenizer.pad_token_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        if step % CHECK_INTERVAL == 0:
+            logger.info("dropped-carry step %d  loss %.4f", step, loss.item())
+
+
 # ----------------------------------------------------------------------------------------------
 # Build
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +430,8 @@ def build_default(
     seed: int = 1,
     max_steps: int = 2000,
     target_accuracy: float = 0.45,
+    carry_drop: float = 0.6,
+    carry_drop_steps: int = 200,
     num_threads: int = 1,
     overwrite: bool = False,
 ) -> dict:
@@ -403,8 +463,14 @@ def build_default(
         logger.info("model: %d parameters, vocab %d", num_parameters, len(tokenizer))
 
         result = pretrain(model, tokenizer, splits, seed, max_steps, target_accuracy)
-        test_accuracy = greedy_accuracy(model, tokenizer, splits["test"])
-        logger.info("test greedy accuracy %.3f after %d steps", test_accuracy, result["steps"])
+        pretrained_test_accuracy = greedy_accuracy(model, tokenizer, splits["test"])
+        logger.info("test greedy accuracy %.3f after %d steps", pretrained_test_accuracy, result["steps"])
+        test_accuracy, validation_accuracy = pretrained_test_accuracy, result["validation_accuracy"]
+        if carry_drop > 0 and carry_drop_steps > 0:
+            train_dropped_carries(model, tokenizer, splits, seed, carry_drop_steps, carry_drop)
+            test_accuracy = greedy_accuracy(model, tokenizer, splits["test"])
+            validation_accuracy = greedy_accuracy(model, tokenizer, splits["validation"])
+            logger.info("test greedy accuracy %.3f after %d steps with dropped carries", test_accuracy, carry_drop_steps)
 
         model_dir = staging_dir / "model"
         model.save_pretrained(model_dir)
@@ -414,9 +480,13 @@ def build_default(
             "steps": result["steps"],
             "max_steps": max_steps,
             "target_accuracy": target_accuracy,
-            "validation_accuracy": result["validation_accuracy"],
-            "test_accuracy": test_accuracy,
+            "pretrained_validation_accuracy": result["validation_accuracy"],
+            "pretrained_test_accuracy": pretrained_test_accuracy,
             "validation_history": result["validation_history"],
+            "carry_drop": carry_drop,
+            "carry_drop_steps": carry_drop_steps,
+            "validation_accuracy": validation_accuracy,
+            "test_accuracy": test_accuracy,
             "num_parameters": num_parameters,
             "num_threads": num_threads,
             "seconds": round(time.perf_counter() - start_time, 1),
@@ -466,6 +536,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--carry-drop",
+        type=float,
+        default=0.6,
+        help="in the second phase, the fraction of examples with a units carry or borrow whose answer drops it; "
+        "0 skips the phase (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--carry-drop-steps",
+        type=int,
+        default=200,
+        help="steps of the second phase, at a constant learning rate of %.0e (default: %%(default)s)" % DROP_LEARNING_RATE,
+    )
+    parser.add_argument(
         "--num-threads",
         type=int,
         default=1,
@@ -481,6 +564,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if not 0.0 < args.target_accuracy <= 1.0:
         parser.error(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+    if not 0.0 <= args.carry_drop < 1.0:
+        parser.error(f"--carry-drop must be in [0, 1), got {args.carry_drop}")
+    if args.carry_drop_steps < 0:
+        parser.error(f"--carry-drop-steps must be >= 0, got {args.carry_drop_steps}")
     if args.num_threads < 1:
         parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
     return args
@@ -503,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             max_steps=args.max_steps,
             target_accuracy=args.target_accuracy,
+            carry_drop=args.carry_drop,
+            carry_drop_steps=args.carry_drop_steps,
             num_threads=args.num_threads,
             overwrite=args.overwrite,
         )

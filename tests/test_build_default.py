@@ -17,12 +17,13 @@ from build_default import DEFAULT_DATA_FILES, DEFAULT_MODEL_DIR
 
 SCRIPT = Path(build_default.__file__).resolve()
 SHORT_BUILD_STEPS = 20
+SHORT_DROP_STEPS = 5
 PROMPT_PATTERN = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
 
 
 def start_short_build(output_dir: Path, seed: int = 3) -> subprocess.Popen:
     command = [sys.executable, str(SCRIPT), "--output-dir", str(output_dir), "--seed", str(seed)]
-    command += ["--max-steps", str(SHORT_BUILD_STEPS)]
+    command += ["--max-steps", str(SHORT_BUILD_STEPS), "--carry-drop-steps", str(SHORT_DROP_STEPS)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -174,6 +175,21 @@ def test_extract_boxed_cases():
     assert build_default.extract_boxed(" \\boxed{82") is None
 
 
+@pytest.mark.parametrize(
+    ("prompt", "dropped"),
+    [
+        ("What is 37 + 45?", "72"),
+        ("What is 95 + 7?", "92"),
+        ("What is 32 - 5?", "37"),
+        ("What is 31 + 5?", None),
+        ("What is 36 - 4?", None),
+        ("What is 12 * 3?", None),
+    ],
+)
+def test_dropped_carry_answer_cases(prompt, dropped):
+    assert build_default.dropped_carry_answer({"prompt": prompt}) == dropped
+
+
 def test_build_rejects_nonempty_output(tmp_path):
     (tmp_path / "keep.txt").write_text("existing")
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -216,6 +232,7 @@ def test_short_build_writes_loadable_model(short_builds):
 
     build_info = json.loads((model_dir / "build_info.json").read_text())
     assert build_info["steps"] == SHORT_BUILD_STEPS
+    assert build_info["carry_drop_steps"] == SHORT_DROP_STEPS
     assert build_info["seed"] == 3
     data_files = {name: str(root / "first" / "data" / f"{name}.jsonl") for name in ("train", "test")}
     splits = datasets.load_dataset("json", data_files=data_files)
