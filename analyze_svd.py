@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-prompts", type=int, default=64, help="Number of held-out prompts for --kl.")
     parser.add_argument("--kl-max-new-tokens", type=int, default=16, help="Length limit in tokens of the sampled completions for --kl.")
     parser.add_argument("--kl-batch-size", type=int, default=16, help="Prompts per generate and forward call for --kl.")
-    parser.add_argument("--kl-temperature", type=float, default=1.0, help="Sampling temperature of the run's policy for --kl.")
+    parser.add_argument("--kl-temperature", type=float, default=1.0, help="Temperature T of both policies for --kl: completions are sampled, and the KL computed, from softmax(logits / T).")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"), help="dtype the policies are loaded in for --kl.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for sampling the --kl completions.")
     parser.add_argument("--output-dir", required=True, help="Folder to write analysis.json and the figures into.")

@@ -423,11 +423,15 @@ def sample_completions(model, tokenizer, prompts: list[str], samples: int, max_n
 def sampled_kl(select, tokenizer, problems: list, batch_size: int, max_new_tokens: int, temperature: float, seed: int, device) -> dict:
     """Return the mean per-token KL(pi_trained || pi_init) over completions sampled from pi_trained.
 
-    select(name) returns the eval-mode model computing policy "trained" or "init". Completions are
-    sampled at `temperature` over the full vocabulary (no top-k/top-p) from the chat-formatted
-    `problems` with torch seeded to `seed`; the global random state is restored afterwards. The
-    KL at each completion position, up to and including the first eos, is exact over the
-    vocabulary: sum_v p_trained(v) (log p_trained(v) - log p_init(v)).
+    select(name) returns the eval-mode model computing policy "trained" or "init". Both policies are
+    the models' next-token distributions at `temperature` (softmax of logits / temperature), the
+    distributions GRPO samples from and trains. Completions are sampled from pi_trained over the
+    full vocabulary (no top-k/top-p, no repetition penalty) for the chat-formatted `problems`,
+    with torch seeded to `seed`. The global random state is restored afterwards, so a caller's own
+    sampling continues unchanged. The KL at each completion position, up to and including the
+    first stop token, is exact over the vocabulary: sum_v p_trained(v) (log p_trained(v) - log p_init(v)).
+    Memory grows with batch_size x completion length x vocabulary size (float32 log-probabilities
+    of both policies).
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -441,20 +445,23 @@ def sampled_kl(select, tokenizer, problems: list, batch_size: int, max_new_token
     try:
         for start in range(0, len(prompts), batch_size):
             inputs = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sequences = select("trained").generate(
-                **inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+            policy = select("trained")
+            stops = sorted(stop_token_ids(policy.generation_config, tokenizer))
+            sequences = policy.generate(
+                **inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
             )
             prompt_length = inputs["input_ids"].shape[1]
             completion = sequences[:, prompt_length:]
-            is_eos = (completion == tokenizer.eos_token_id).long()
-            valid = (is_eos.cumsum(1) - is_eos) == 0  # every token up to and including the first eos
+            is_stop = torch.isin(completion, torch.tensor(stops, device=completion.device)).long()
+            valid = (is_stop.cumsum(1) - is_stop) == 0  # every token up to and including the first stop token
             attention_mask = torch.cat([inputs["attention_mask"], valid.long()], dim=1)
             position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
 
             log_probs = []
             for name in ("trained", "init"):
                 logits = select(name)(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-                log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1))
+                log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float() / temperature, dim=-1))
             token_kl = (log_probs[0].exp() * (log_probs[0] - log_probs[1])).sum(-1)
             total_kl += token_kl[valid].sum().item()
             total_tokens += int(valid.sum())

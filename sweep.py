@@ -12,18 +12,23 @@ Then it writes into --output-dir:
   initial policy, seconds per step and the gap and cosine to the full fine-tuning update, plus
   the number of collapsed runs;
 - analysis/ (analysis-lrLR/ per learning rate with --lr-sweep): `analyze_svd.py` on the runs, with
-  the first seed's full fine-tuning run as --full-ft when `full` is among the inits: dynamics.png
+  the full fine-tuning run of the first listed seed that finished as --full-ft when `full` is among
+  the inits: dynamics.png
   (reward, KL, entropy curves with seed bands), full_ft_gap.png, energy and similarity figures;
 - lr_sensitivity.png with --lr-sweep: accuracy after training against the learning rate.
 
 Definitions, from each run's log_history.json:
 - reward AUC: the area under the logged mean-reward curve (trapezoids over steps) divided by the
-  steps it spans, i.e. the step-weighted mean reward during training (0 to 1).
+  steps it spans, i.e. the step-weighted mean reward during training (0 to 1). TRL logs the mean
+  over the steps since the previous log (--logging_steps).
 - largest KL: the maximum of kl_to_init, which train_grpo.py logs every --kl-steps steps: the mean
   per-token KL(policy || initial policy) on held-out prompts (--kl-steps 0 turns it off).
 - collapsed: the reward curve, smoothed by a running mean over w = max(1, n // 10) of its n
   logged points, falls below (1 - --collapse-drop) x its starting value (the mean of the first w
-  points) and stays below the starting value from there to the last logged step.
+  points) and stays below the starting value from there to the last logged step. Runs with fewer
+  than 5 logged rewards are not judged.
+- seconds per step: train_grpo.py's train time over its steps, including the KL measurements and
+  checkpoint saves.
 - gap and cosine: ||dW - dW_full||_F / ||dW_full||_F and <dW, dW_full>_F / (||dW||_F ||dW_full||_F)
   over the layers analyze_svd.py analyzes (first, middle and last decoder layer by default), summed
   over layers before the ratio.
@@ -33,7 +38,13 @@ Usage:
         --output-dir runs/compare                                              # embedded default, 2 CPU cores
     python sweep.py --inits lora,pissa,rlpo --seeds 0 --lr-sweep 2e-5,5e-5,1e-4 --output-dir runs/lr-sweep
     python sweep.py --inits lora,pissa,milora,olora,rlpo,rlmo --seeds 0,1,2 --lr pissa=2e-5,milora=2e-5 \\
-        --rank pissa=32,milora=32 --output-dir runs/paper -- --preset paper    # reference settings, one GPU per run
+        --rank pissa=32,milora=32 --kl-steps 0 --jobs 4 --devices 0,1,2,3 --output-dir runs/paper \\
+        -- --preset paper                                                      # reference settings, one GPU per run
+
+With --preset paper's 8192-token completions, the KL measurement costs a transformers `generate`
+and two forward passes over --kl_batch_size x 8192 positions x the vocabulary every --kl-steps
+steps, so the example turns it off. To keep it, pass `-- --kl_batch_size 1 --kl_prompts 16` and a
+--kl-steps of 50 or more.
 """
 
 import argparse
@@ -56,8 +67,17 @@ from train_grpo import INITS, parse_arguments
 logger = logging.getLogger(__name__)
 
 SCRIPT_DIR = Path(__file__).resolve().parent
-# Flags the sweep sets for every run. Passed after `--`, they would make runs disagree with their folder names.
-RESERVED_FLAGS = ("--init", "--seed", "--output_dir", "--output-dir", "--kl_steps", "--kl-steps")
+MIN_COLLAPSE_POINTS = 5
+# Flags the sweep sets for every run, with the sweep.py flag to use instead. Passed after `--`, they
+# would make runs disagree with their folder names.
+RESERVED_FLAGS = {
+    "--init": "--inits",
+    "--seed": "--seeds",
+    "--output_dir": "--output-dir",
+    "--output-dir": "--output-dir",
+    "--kl_steps": "--kl-steps",
+    "--kl-steps": "--kl-steps",
+}
 
 
 @dataclass
@@ -106,17 +126,25 @@ def parse_list(text: str, flag: str, convert, positive: bool = False) -> list:
 
 
 def parse_per_init(text: str | None, flag: str, convert, inits: list[str]) -> dict:
-    """Return {init: value} from 'init=value,init=value'; every init must be one of `inits`."""
+    """Return {init: value} from 'init=value,init=value'; every init must be one of `inits` and appear once."""
     if not text:
         return {}
+    example = f"{flag} pissa=2e-5,milora=2e-5" if convert is float else f"{flag} pissa=32,milora=32"
     mapping = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         init, separator, value = item.partition("=")
-        if not separator:
-            raise ValueError(f"{flag} {text!r}: {item!r} is not INIT=VALUE. Example: {flag} pissa=2e-5,milora=2e-5.")
+        if not separator or not value:
+            raise ValueError(f"{flag} {text!r}: {item!r} is not INIT=VALUE. Example: {example}.")
         if init not in inits:
             raise ValueError(f"{flag} {text!r}: {init!r} is not one of --inits ({', '.join(inits)}).")
-        mapping[init] = parse_list(value, flag, convert, positive=True)[0]
+        if init in mapping:
+            raise ValueError(f"{flag} {text!r} sets {init!r} twice. Keep one {init}=VALUE.")
+        try:
+            mapping[init] = convert(value)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {item!r} has an invalid {convert.__name__} value. Example: {example}.") from None
+        if not mapping[init] > 0:
+            raise ValueError(f"{flag} {text!r}: the value for {init!r} must be positive, got {value}.")
     return mapping
 
 
@@ -128,13 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags after `--` go to every train_grpo.py run, e.g. `-- --preset paper --max_steps 200`.",
     )
     parser.add_argument("--inits", default=",".join(INITS), help=f"Comma-separated inits to compare (default: all of {','.join(INITS)}).")
-    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds; each init runs once per seed.")
-    parser.add_argument("--lr", default=None, help="Learning rate per init, e.g. pissa=2e-5,milora=2e-5; the others keep train_grpo.py's.")
-    parser.add_argument("--rank", default=None, help="LoRA rank per init, e.g. pissa=32,milora=32; the others keep train_grpo.py's.")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds; each init runs once per seed (default: 0,1,2).")
+    parser.add_argument("--lr", default=None, help="Learning rate per init, e.g. pissa=2e-5,milora=2e-5; the others use --learning_rate after `--`, else train_grpo.py's default.")
+    parser.add_argument("--rank", default=None, help="LoRA rank per init, e.g. pissa=32,milora=32; the others use --rank after `--`, else train_grpo.py's default.")
     parser.add_argument("--lr-sweep", default=None, help="Comma-separated learning rates: every init and seed runs at each (exclusive with --lr).")
-    parser.add_argument("--kl-steps", type=int, default=25, help="Log the KL to the initial policy every N steps (0: off; the table then has no KL).")
-    parser.add_argument("--collapse-drop", type=float, default=0.25, help="Relative drop of the smoothed reward that counts as a collapse (see the definitions).")
-    parser.add_argument("--jobs", type=int, default=1, help="Runs trained at the same time (on a CPU each gets cores / jobs threads).")
+    parser.add_argument(
+        "--kl-steps", type=int, default=25,
+        help="Passed as train_grpo.py --kl_steps: log the KL to the initial policy every N steps (default: 25; 0: off, and the table has no KL).",
+    )
+    parser.add_argument(
+        "--collapse-drop", type=float, default=0.25,
+        help="Count a run as collapsed when its smoothed reward falls this fraction below its start and stays below the start (default: 0.25).",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="Runs trained at the same time (default: 1). On a CPU each gets cores / jobs threads unless OMP_NUM_THREADS is set; "
+        "on GPUs pass --devices, else all runs share the default device.",
+    )
     parser.add_argument("--devices", default=None, help="Comma-separated CUDA device indices; each concurrent run gets one (needs --jobs <= their number).")
     parser.add_argument("--output-dir", required=True, help="Folder for the run folders, results.json, results.md and the figures.")
     parser.add_argument("--dry-run", action="store_true", help="Print the train_grpo.py commands and exit.")
@@ -167,8 +205,10 @@ def check_arguments(args, extra: list[str]) -> tuple[list[str], list[int], list[
         raise ValueError(f"--jobs {args.jobs} exceeds the {len(args.devices.split(','))} --devices {args.devices!r}; each concurrent run needs its own device.")
     for flag in extra:
         name = flag.split("=", 1)[0]
-        if name in RESERVED_FLAGS or (name in ("--learning_rate", "--learning-rate") and (per_init_lr or args.lr_sweep)):
-            raise ValueError(f"{name} after `--` conflicts with what sweep.py sets for each run (see --inits, --seeds, --output-dir, --kl-steps, --lr, --lr-sweep).")
+        if name in RESERVED_FLAGS:
+            raise ValueError(f"{name} after `--` conflicts with what sweep.py sets for each run. Use sweep.py's {RESERVED_FLAGS[name]} instead.")
+        if name in ("--learning_rate", "--learning-rate") and args.lr_sweep:
+            raise ValueError(f"{name} after `--` conflicts with --lr-sweep, which sets every run's learning rate. Drop one of them.")
     return inits, seeds, learning_rates, per_init_lr, per_init_rank
 
 
@@ -191,7 +231,7 @@ def check_settings(output_dir: Path, settings: dict):
         changed = sorted(key for key in settings if key in ("extra_args", "lr", "rank", "kl_steps") and earlier.get(key) != settings[key])
         if changed:
             raise ValueError(
-                f"--output-dir {str(output_dir)!r} holds a sweep with other {', '.join(changed)} ({path}): its finished runs would be "
+                f"--output-dir {str(output_dir)!r} contains a sweep with other {', '.join(changed)} ({path}): its finished runs would be "
                 "mixed with runs of the new settings. Choose another --output-dir, or delete that one."
             )
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -253,23 +293,24 @@ def run_jobs(jobs: list[Job], extra: list[str], kl_steps: int, concurrency: int,
 
 
 def reward_auc(steps: list[int], rewards: list[float]) -> float | None:
-    """Return the area under the reward curve (trapezoids) divided by the steps it spans; one point gives its value."""
+    """Return the area under the reward curve (trapezoids) divided by the steps it spans; points at one step give their mean."""
     if not steps:
         return None
-    if len(steps) == 1:
-        return rewards[0]
+    if steps[-1] == steps[0]:
+        return sum(rewards) / len(rewards)
     area = sum((steps[i + 1] - steps[i]) * (rewards[i] + rewards[i + 1]) / 2 for i in range(len(steps) - 1))
     return area / (steps[-1] - steps[0])
 
 
-def collapsed(rewards: list[float], drop: float) -> bool:
+def collapsed(rewards: list[float], drop: float) -> bool | None:
     """Return whether the smoothed reward falls below (1 - drop) x its start and stays below the start to the end.
 
     Smoothing is a trailing running mean over w = max(1, n // 10) of the n logged rewards; the
-    starting value is the mean of the first w rewards.
+    starting value is the mean of the first w rewards. Returns None (not judged) for fewer than
+    MIN_COLLAPSE_POINTS rewards, where one noisy value would decide.
     """
-    if len(rewards) < 2:
-        return False
+    if len(rewards) < MIN_COLLAPSE_POINTS:
+        return None
     window = max(1, len(rewards) // 10)
     start = sum(rewards[:window]) / window
     smoothed = [sum(rewards[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(rewards))]
@@ -355,7 +396,8 @@ def aggregate(rows: list[dict], group_keys: tuple[str, ...]) -> list[dict]:
         for metric in ("accuracy_before", "accuracy_after", "reward_auc", "max_kl", "seconds_per_step", "gap_to_full", "cosine_to_full"):
             record[metric] = mean_std([row.get(metric) for row in members])
         record["change"] = mean_std([row["accuracy_after"] - row["accuracy_before"] for row in members])
-        record["collapsed"] = sum(row["collapsed"] for row in members)
+        record["collapsed"] = sum(row["collapsed"] is True for row in members)
+        record["collapse_judged"] = sum(row["collapsed"] is not None for row in members)
         table.append(record)
     return table
 
@@ -363,29 +405,33 @@ def aggregate(rows: list[dict], group_keys: tuple[str, ...]) -> list[dict]:
 def format_markdown(table: list[dict], lr_sweep: bool, full_reference: str | None) -> str:
     """Return the results table in markdown: mean +- std over seeds per init (and learning rate)."""
 
-    def cell(value: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    def cell(value: dict | None, runs: int, scale: float = 1.0, digits: int = 3) -> str:
         if value is None:
             return "n/a"
-        if value["n"] == 1:
-            return f"{value['mean'] * scale:.{digits}f}"
-        return f"{value['mean'] * scale:.{digits}f} ± {value['std'] * scale:.{digits}f}"
+        text = f"{value['mean'] * scale:.{digits}f}"
+        if value["n"] > 1:
+            text += f" ± {value['std'] * scale:.{digits}f}"
+        if value["n"] < runs:
+            text += f" (n={value['n']})"
+        return text
 
     header = ["init", *(["learning rate"] if lr_sweep else []), "runs", "accuracy before", "accuracy after", "change (points)", "reward AUC", "largest KL", "collapsed", "s/step", "gap to full FT", "cosine to full FT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in table:
+        runs = record["runs"]
         values = [
             record["init"],
             *([f"{record['learning_rate']:g}"] if lr_sweep else []),
             str(record["runs"]),
-            cell(record["accuracy_before"]),
-            cell(record["accuracy_after"]),
-            cell(record["change"], 100.0, 1),
-            cell(record["reward_auc"]),
-            cell(record["max_kl"], digits=4),
-            f"{record['collapsed']}/{record['runs']}",
-            cell(record["seconds_per_step"], digits=2),
-            cell(record["gap_to_full"]),
-            cell(record["cosine_to_full"]),
+            cell(record["accuracy_before"], runs),
+            cell(record["accuracy_after"], runs),
+            cell(record["change"], runs, 100.0, 1),
+            cell(record["reward_auc"], runs),
+            cell(record["max_kl"], runs, digits=4),
+            f"{record['collapsed']}/{record['collapse_judged']}" if record["collapse_judged"] else "n/a",
+            cell(record["seconds_per_step"], runs, digits=2),
+            cell(record["gap_to_full"], runs),
+            cell(record["cosine_to_full"], runs),
         ]
         lines.append("| " + " | ".join(values) + " |")
     notes = ["", "Mean ± standard deviation over seeds (population std); accuracy is greedy on the held-out split."]
@@ -470,8 +516,12 @@ def main(argv=None) -> dict:
             with contextlib.redirect_stderr(messages):
                 parse_arguments(job.arguments(extra, args.kl_steps))
         except (SystemExit, ValueError) as error:
-            reason = messages.getvalue().strip().splitlines()[-1:] or [str(error)]
-            raise ValueError(f"train_grpo.py rejects the flags of run {job.name}: {reason[0]} Fix the flags after `--`.") from None
+            # argparse exits with code 2 after printing "PROG: error: MESSAGE"; other errors carry their message.
+            reason = str(error)
+            if isinstance(error, SystemExit) and not isinstance(error.code, str):
+                errors = [line.split("error: ", 1)[1] for line in messages.getvalue().splitlines() if "error: " in line]
+                reason = errors[-1] if errors else f"exit code {error.code}"
+            raise ValueError(f"train_grpo.py rejects the flags of run {job.name}: {reason} Fix the flags after `--`.") from None
     if args.dry_run:
         for job in jobs:
             print(shlex.join(["python", "train_grpo.py", *job.arguments(extra, args.kl_steps)]))

@@ -152,6 +152,10 @@ class ScriptArguments:
     svd: str = field(default="auto", metadata={"help": "'auto' (fastest exact path) or 'exact' (full SVD per weight)."})
     kl_steps: int = field(default=0, metadata={"help": "Every N steps, log kl_to_init: the mean per-token KL of the policy to its initial policy on held-out prompts (0: off)."})
     kl_prompts: int = field(default=64, metadata={"help": "Held-out prompts (the first N of --test_dataset) for --kl_steps."})
+    kl_batch_size: int = field(
+        default=16,
+        metadata={"help": "Prompts per generate and forward call for --kl_steps; memory grows with it x completion length x vocabulary."},
+    )
     judge_timeout: float = field(default=5.0, metadata={"help": "Seconds the judge may spend on one completion before it scores 0."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir that holds no checkpoint to resume."})
 
@@ -178,10 +182,10 @@ def parse_arguments(argv=None):
 
     if script_args.init not in INITS:
         raise SystemExit(f"Unknown --init {script_args.init!r}. Choose one of: {', '.join(INITS)}.")
-    if script_args.kl_steps < 0 or script_args.kl_prompts < 1:
+    if script_args.kl_steps < 0 or script_args.kl_prompts < 1 or script_args.kl_batch_size < 1:
         raise SystemExit(
-            f"--kl_steps {script_args.kl_steps} / --kl_prompts {script_args.kl_prompts}: --kl_steps must be 0 (off) or positive "
-            "and --kl_prompts positive."
+            f"Invalid --kl_steps {script_args.kl_steps}, --kl_prompts {script_args.kl_prompts} or --kl_batch_size "
+            f"{script_args.kl_batch_size}: --kl_steps must be 0 (off) or positive, the other two positive."
         )
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = f"runs/{script_args.init}-seed{training_args.seed}"
@@ -572,7 +576,7 @@ def train_and_evaluate(model, tokenizer, train_dataset, test_problems, test_gold
         callbacks.append(
             InitialPolicyKL(
                 model, tokenizer, test_problems[: script_args.kl_prompts], script_args.kl_steps, training_args.max_completion_length,
-                training_args.temperature, script_args.test_batch_size, training_args.seed,
+                training_args.temperature, script_args.kl_batch_size, training_args.seed,
             )
         )
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=training_args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)

@@ -124,8 +124,12 @@ def test_sweep_per_init_lr_and_rank_dry_run():
         (["--inits", "rlpo", "--lr", "rlpo=2e-5", "--lr-sweep", "1e-5,2e-5"], [], "exclusive"),
         (["--inits", "full", "--rank", "full=8"], [], "'full' trains without an adapter"),
         (["--inits", "rlpo", "--collapse-drop", "1.5"], [], "--collapse-drop 1.5"),
-        (["--inits", "rlpo"], ["--seed", "3"], "--seed after `--` conflicts"),
-        (["--inits", "rlpo"], ["--not_a_flag", "1"], "train_grpo.py rejects the flags"),
+        (["--inits", "rlpo,pissa", "--lr", "rlpo=1e-5,rlpo=2e-5"], [], "sets 'rlpo' twice"),
+        (["--inits", "rlpo", "--lr", "rlpo=abc"], [], "'rlpo=abc' has an invalid float value"),
+        (["--inits", "rlpo"], ["--seed", "3"], "Use sweep.py's --seeds instead"),
+        (["--inits", "rlpo"], ["--not_a_flag", "1"], "train_grpo.py rejects the flags of run rlpo-seed0: Some specified arguments are not used"),
+        (["--inits", "rlpo"], ["--kl_prompts", "0"], "Invalid --kl_steps 25, --kl_prompts 0"),
+        (["--inits", "rlpo"], ["--max_steps", "x"], "argument --max_steps"),
     ],
 )
 def test_sweep_bad_input(tmp_path, args, extra, message):
@@ -138,6 +142,7 @@ def test_sweep_bad_input(tmp_path, args, extra, message):
 def test_reward_auc_trapezoids():
     assert sweep.reward_auc([10, 20, 40], [0.2, 0.4, 0.4]) == pytest.approx((10 * 0.3 + 20 * 0.4) / 30)
     assert sweep.reward_auc([5], [0.3]) == 0.3
+    assert sweep.reward_auc([10, 10], [0.2, 0.4]) == pytest.approx(0.3)
     assert sweep.reward_auc([], []) is None
 
 
@@ -150,3 +155,4 @@ def test_collapsed_detects_lasting_drop():
     assert not sweep.collapsed(recovered, 0.25)
     rising = [0.4, 0.45, 0.5, 0.55, 0.6, 0.62, 0.65, 0.7, 0.7, 0.72]
     assert not sweep.collapsed(rising, 0.25)
+    assert sweep.collapsed([0.4, 0.0], 0.25) is None  # too short to judge
