@@ -12,7 +12,7 @@ of the same names, and `--preset paper` applies the reference RLVR settings. Pre
 then YAML, then preset, then the CPU defaults for the embedded tiny model.
 
 Usage:
-    python train_grpo.py --init rlpo                                    # embedded default, 2 CPU cores, ~2-3 min
+    python train_grpo.py --init rlpo                                    # embedded default, 2 CPU cores, ~2 min
     python train_grpo.py --init rlpo --preset paper                     # one GPU, reference settings, vLLM colocate
     accelerate launch --config_file configs/ddp.yaml --num_processes 8 train_grpo.py --init rlpo --preset paper \\
         --gradient_accumulation_steps 8                                 # 8 GPUs, 1024 completions per step
