@@ -309,8 +309,8 @@ def collapsed(rewards: list[float], drop: float) -> bool | None:
     starting value is the mean of the first w rewards. Returns None (not judged) for fewer than
     MIN_COLLAPSE_POINTS rewards, where one noisy value would decide.
     """
-    # NOTE: a reward that drops within the first logging window lowers the starting value itself and
-    # is not counted; compare accuracy before and after (and the KL) for such runs.
+    # NOTE: a reward that drops within the first logging window lowers the starting value itself,
+    # so such a run is not counted. Compare its accuracy before and after, and its KL.
     if len(rewards) < MIN_COLLAPSE_POINTS:
         return None
     window = max(1, len(rewards) // 10)
