@@ -243,11 +243,33 @@ def plot_spectrum(layers: list[dict], ranks: list[int], path: Path) -> dict:
     return plotted
 
 
+def summed_gaps(layers: list[dict]) -> dict[str, dict]:
+    """Return {run label: {gap, cosine}} over all analyzed layers, from the summed squared norms and inner products.
+
+    gap = sqrt(sum ||dW - dW_full||^2 / sum ||dW_full||^2) and
+    cosine = sum <dW, dW_full> / sqrt(sum ||dW||^2 x sum ||dW_full||^2), summed over the layers.
+    """
+    totals = {}
+    for layer in layers:
+        for label, metrics in layer["runs"].items():
+            if "gap" not in metrics:
+                continue
+            total = totals.setdefault(label, dict.fromkeys(("difference_sq", "norm_sq", "full_norm_sq", "inner_product"), 0.0))
+            for key in total:
+                total[key] += metrics[key]
+    return {
+        label: {
+            "gap": math.sqrt(total["difference_sq"] / total["full_norm_sq"]),
+            "cosine": total["inner_product"] / math.sqrt(total["norm_sq"] * total["full_norm_sq"]),
+        }
+        for label, total in totals.items()
+    }
+
+
 def plot_gap(layers: list[dict], runs_by_label: dict[str, Run], reference: Run, path: Path) -> dict:
     """Plot the relative gap to the full fine-tuning update and the cosine per layer, bars per init method."""
     groups = [layer_label(layer) for layer in layers] + ["all analyzed"]
     statistics = {"gap": {}, "cosine": {}}
-    totals = {}
     for layer, group in zip(layers, groups):
         for label, metrics in layer["runs"].items():
             if "gap" not in metrics:
@@ -255,17 +277,10 @@ def plot_gap(layers: list[dict], runs_by_label: dict[str, Run], reference: Run, 
             method = runs_by_label[label].method
             for key in ("gap", "cosine"):
                 statistics[key].setdefault(group, {}).setdefault(method, []).append(metrics[key])
-            total = totals.setdefault(label, dict.fromkeys(("difference_sq", "norm_sq", "full_norm_sq", "inner_product"), 0.0))
-            for key in total:
-                total[key] += metrics[key]
-
-    # Whole-model values over the analyzed layers, from the summed squared norms and inner products
-    for label, total in totals.items():
+    for label, values in summed_gaps(layers).items():
         method = runs_by_label[label].method
-        gap = math.sqrt(total["difference_sq"] / total["full_norm_sq"])
-        cosine = total["inner_product"] / math.sqrt(total["norm_sq"] * total["full_norm_sq"])
-        statistics["gap"].setdefault("all analyzed", {}).setdefault(method, []).append(gap)
-        statistics["cosine"].setdefault("all analyzed", {}).setdefault(method, []).append(cosine)
+        for key in ("gap", "cosine"):
+            statistics[key].setdefault("all analyzed", {}).setdefault(method, []).append(values[key])
     for by_group in statistics.values():
         for by_method in by_group.values():
             for method, values in by_method.items():

@@ -7,10 +7,10 @@ after `--`); only --init, --seed, --output_dir and, where given per init, --lear
 from its newest checkpoint, so starting the same command again finishes the sweep.
 
 Then it writes into --output-dir:
-- results.json and results.md: per init (and learning rate), the mean and standard deviation over
-  seeds of held-out greedy accuracy before and after, the reward AUC, the largest KL to the
-  initial policy, seconds per step and the gap and cosine to the full fine-tuning update, plus
-  the number of collapsed runs;
+- results.json and results.md: one row per init (and learning rate). Each number is the mean and
+  standard deviation over seeds of held-out greedy accuracy before and after, reward AUC, largest
+  KL to the initial policy, seconds per step, or gap and cosine to the full fine-tuning update.
+  The row also counts the collapsed runs.
 - analysis/ (analysis-lrLR/ per learning rate with --lr-sweep): `analyze_svd.py` on the runs, with
   the full fine-tuning run of the first listed seed that finished as --full-ft when `full` is among
   the inits: dynamics.png
@@ -185,9 +185,11 @@ def check_arguments(args, extra: list[str]) -> tuple[list[str], list[int], list[
     unknown = [init for init in inits if init not in INITS]
     if unknown:
         raise ValueError(f"--inits {args.inits!r}: unknown init {unknown[0]!r}. Choose from {', '.join(INITS)}.")
+
     seeds = parse_list(args.seeds, "--seeds", int)
     if any(seed < 0 for seed in seeds):
         raise ValueError(f"--seeds {args.seeds!r}: seeds must be non-negative integers.")
+
     per_init_lr = parse_per_init(args.lr, "--lr", float, inits)
     per_init_rank = parse_per_init(args.rank, "--rank", int, inits)
     if "full" in per_init_rank:
@@ -195,6 +197,7 @@ def check_arguments(args, extra: list[str]) -> tuple[list[str], list[int], list[
     if args.lr_sweep and per_init_lr:
         raise ValueError("--lr and --lr-sweep are exclusive: a sweep runs every init at every learning rate. Drop one of them.")
     learning_rates = parse_list(args.lr_sweep, "--lr-sweep", float, positive=True) if args.lr_sweep else [None]
+
     if args.kl_steps < 0:
         raise ValueError(f"--kl-steps {args.kl_steps} must be 0 (off) or positive.")
     if not 0 < args.collapse_drop < 1:
@@ -203,6 +206,7 @@ def check_arguments(args, extra: list[str]) -> tuple[list[str], list[int], list[
         raise ValueError(f"--jobs {args.jobs} must be a positive integer.")
     if args.devices is not None and args.jobs > len(parse_list(args.devices, "--devices", int)):
         raise ValueError(f"--jobs {args.jobs} exceeds the {len(args.devices.split(','))} --devices {args.devices!r}; each concurrent run needs its own device.")
+
     for flag in extra:
         name = flag.split("=", 1)[0]
         if name in RESERVED_FLAGS:
@@ -354,22 +358,11 @@ def mean_std(values: list) -> dict | None:
 
 
 def whole_model_gaps(analysis: dict) -> dict[str, dict]:
-    """Return {run path name: {gap, cosine}} over all analyzed layers from an analyze_svd.py result."""
-    totals = {}
-    for layer in analysis["layers"]:
-        for label, metrics in layer["runs"].items():
-            if "gap" in metrics:
-                total = totals.setdefault(label, dict.fromkeys(("difference_sq", "norm_sq", "full_norm_sq", "inner_product"), 0.0))
-                for key in total:
-                    total[key] += metrics[key]
+    """Return {run folder name: {gap, cosine}} over all analyzed layers from an analyze_svd.py result."""
+    from svd_figures import summed_gaps
+
     names = {run["label"]: Path(run["path"]).name for run in analysis["runs"]}
-    return {
-        names[label]: {
-            "gap": math.sqrt(total["difference_sq"] / total["full_norm_sq"]),
-            "cosine": total["inner_product"] / math.sqrt(total["norm_sq"] * total["full_norm_sq"]),
-        }
-        for label, total in totals.items()
-    }
+    return {names[label]: values for label, values in summed_gaps(analysis["layers"]).items()}
 
 
 def analyze(jobs: list[Job], folder: Path, full_reference: Job | None) -> dict[str, dict]:
