@@ -451,7 +451,8 @@ def main(argv=None):
     script_args, training_args = parse_arguments(argv)
     state = process_state(training_args)
     if script_args.kl_steps and state.num_processes > 1:
-        # NOTE: sampling from a ZeRO-3/FSDP-sharded policy on one process would hang the others.
+        # NOTE: KL under several processes is not implemented. Sampling a ZeRO-3/FSDP-sharded policy on one
+        # process alone would wait for the others' shards (expected, not tried).
         raise SystemExit(f"--kl_steps runs on a single process only; this launch has {state.num_processes}. Drop --kl_steps.")
     output_dir = Path(training_args.output_dir)
     resume_from = check_output_dir_on_main(output_dir, script_args, training_args, state)
